@@ -1,0 +1,389 @@
+"""Selected-block attention (slc) programs, in the two loop orders.
+
+KV-block outer (FSA order), three programs over a *work-item table* built on the GPU by
+``fsagen.slc_index``. A work item is one (kv head, KV block) pair and a contiguous run of at most
+``rows // G * tiles_per_item`` entries of that block's query list; the KV block is loaded once per
+item and the selecting queries are gathered, all G heads of the group together, into tiles of
+``rows`` (query, head) rows.
+
+* ``kv_fwd_stats``: per (query, block) entry and head, the log2-sum-exp of that block's visible
+  scores, written to ``part_lse[h, t, slot, g]``. The glue reduces it over the slots to the exact
+  per-query ``lse2`` (no shared shift: true statistics).
+* ``kv_fwd_accum``: recomputes the scores, forms the exact probabilities ``exp2(s2 - lse2)`` and
+  atomically adds ``P @ V`` into a float32 accumulator. Two exact passes cost 1.5x the matmul
+  FLOPs of one but need no per-(query, block) partial outputs, whose size (N * topk * Hq * Dv) is
+  what makes a single pass impractical at long N.
+* ``kv_bwd``: per item, dK and dV accumulate in registers across the item's tiles and are added
+  once to float32 buffers; dQ is either atomically accumulated (``with_dq``) or left to ``q_bwd_dq``.
+
+Query outer (NSA order), one CTA per (token, kv head), the G heads of the group padded to 16 rows:
+
+* ``q_fwd``: online softmax over the token's selected blocks; writes o and lse (natural log).
+* ``q_bwd_dq``: dQ by recomputing P from lse.
+
+Argument order of every program is the order of its parameters below; the glue in
+``fsagen/slc.py`` is the only caller.
+"""
+
+import math
+
+import tilelang.language as T
+
+from .tiles import ACCUM, LOG2E, make_load_kv_rows, make_mask_scores, make_probs_from_lse
+
+LN2 = math.log(2.0)
+INDEX = "int32"
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def kv_fwd_stats(G: int, D: int, BS: int, dtype: str, rows: int, threads: int):
+    R, Q_PER_TILE = rows, rows // G
+    N, HQ, HKV, NE, NI, HC, TOPK = T.dynamic("N, HQ, HKV, NE, NI, HC, TOPK")
+    load_kv = make_load_kv_rows(BS, D)
+    mask = make_mask_scores(R, BS)
+
+    @T.prim_func
+    def main(
+        Q: T.Tensor((N, HQ, D), dtype),
+        K: T.Tensor((N, HKV, D), dtype),
+        items: T.Tensor((NI, 4), INDEX),
+        ent_q: T.Tensor((NE,), INDEX),
+        ent_k: T.Tensor((NE,), INDEX),
+        part_lse: T.Tensor((HC, N, TOPK, G), ACCUM),
+        h_lo: T.int32,
+        sm_scale: T.float32,
+    ):
+        with T.Kernel(NI, threads=threads) as bx:
+            K_s = T.alloc_shared((BS, D), dtype)
+            Q_s = T.alloc_shared((R, D), dtype)
+            row_tok = T.alloc_shared((R,), INDEX)
+            row_slot = T.alloc_shared((R,), INDEX)
+            acc_s = T.alloc_fragment((R, BS), ACCUM)
+            m = T.alloc_fragment((R,), ACCUM)
+            l = T.alloc_fragment((R,), ACCUM)
+
+            h = items[bx, 0]
+            kb = items[bx, 1]
+            e0 = items[bx, 2]
+            e1 = items[bx, 3]
+            if e1 > e0:
+                load_kv(K, h, kb, N, K_s)
+                for tile in T.serial(T.ceildiv(e1 - e0, Q_PER_TILE)):
+                    for r in T.Parallel(R):
+                        e = e0 + tile * Q_PER_TILE + r // G
+                        row_tok[r] = T.if_then_else(e < e1, ent_q[e], -1)
+                        row_slot[r] = T.if_then_else(e < e1, ent_k[e], 0)
+                    for r, d in T.Parallel(R, D):
+                        Q_s[r, d] = T.if_then_else(
+                            row_tok[r] >= 0, Q[row_tok[r], h * G + r % G, d], 0
+                        )
+                    T.clear(acc_s)
+                    T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                    mask(acc_s, row_tok, kb, sm_scale * LOG2E)
+                    T.reduce_max(acc_s, m, dim=1, clear=True)
+                    for r, c in T.Parallel(R, BS):
+                        acc_s[r, c] = T.exp2(acc_s[r, c] - m[r])
+                    T.reduce_sum(acc_s, l, dim=1)
+                    for r in T.Parallel(R):
+                        if row_tok[r] >= 0:
+                            part_lse[h - h_lo, row_tok[r], row_slot[r], r % G] = m[r] + T.log2(l[r])
+
+    return main
+
+
+def kv_fwd_accum(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, threads: int):
+    R, Q_PER_TILE = rows, rows // G
+    N, HQ, HKV, NE, NI, HCG = T.dynamic("N, HQ, HKV, NE, NI, HCG")
+    load_k = make_load_kv_rows(BS, D)
+    load_v = make_load_kv_rows(BS, DV)
+    probs = make_probs_from_lse(R, BS)
+
+    @T.prim_func
+    def main(
+        Q: T.Tensor((N, HQ, D), dtype),
+        K: T.Tensor((N, HKV, D), dtype),
+        V: T.Tensor((N, HKV, DV), dtype),
+        items: T.Tensor((NI, 4), INDEX),
+        ent_q: T.Tensor((NE,), INDEX),
+        lse2: T.Tensor((N, HQ), ACCUM),
+        o_acc: T.Tensor((N, HCG, DV), ACCUM),
+        h_lo: T.int32,
+        sm_scale: T.float32,
+    ):
+        with T.Kernel(NI, threads=threads) as bx:
+            K_s = T.alloc_shared((BS, D), dtype)
+            V_s = T.alloc_shared((BS, DV), dtype)
+            Q_s = T.alloc_shared((R, D), dtype)
+            row_tok = T.alloc_shared((R,), INDEX)
+            row_lse2 = T.alloc_shared((R,), ACCUM)
+            acc_s = T.alloc_fragment((R, BS), ACCUM)
+            p_cast = T.alloc_fragment((R, BS), dtype)
+            acc_o = T.alloc_fragment((R, DV), ACCUM)
+
+            h = items[bx, 0]
+            kb = items[bx, 1]
+            e0 = items[bx, 2]
+            e1 = items[bx, 3]
+            if e1 > e0:
+                load_k(K, h, kb, N, K_s)
+                load_v(V, h, kb, N, V_s)
+                for tile in T.serial(T.ceildiv(e1 - e0, Q_PER_TILE)):
+                    for r in T.Parallel(R):
+                        e = e0 + tile * Q_PER_TILE + r // G
+                        row_tok[r] = T.if_then_else(e < e1, ent_q[e], -1)
+                    for r in T.Parallel(R):
+                        row_lse2[r] = T.if_then_else(
+                            row_tok[r] >= 0, lse2[row_tok[r], h * G + r % G], 0
+                        )
+                    for r, d in T.Parallel(R, D):
+                        Q_s[r, d] = T.if_then_else(
+                            row_tok[r] >= 0, Q[row_tok[r], h * G + r % G, d], 0
+                        )
+                    T.clear(acc_s)
+                    T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                    probs(acc_s, row_tok, row_lse2, kb, sm_scale * LOG2E)
+                    T.copy(acc_s, p_cast)
+                    T.clear(acc_o)
+                    T.gemm(p_cast, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
+                    for r, d in T.Parallel(R, DV):
+                        if row_tok[r] >= 0:
+                            T.atomic_add(o_acc[row_tok[r], (h - h_lo) * G + r % G, d], acc_o[r, d])
+
+    return main
+
+
+def kv_bwd(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, threads: int,
+           with_dq: bool):
+    R, Q_PER_TILE = rows, rows // G
+    N, HQ, HKV, NE, NI, HCG, NDQ = T.dynamic("N, HQ, HKV, NE, NI, HCG, NDQ")
+    load_k = make_load_kv_rows(BS, D)
+    load_v = make_load_kv_rows(BS, DV)
+    probs = make_probs_from_lse(R, BS)
+
+    @T.prim_func
+    def main(
+        Q: T.Tensor((N, HQ, D), dtype),
+        K: T.Tensor((N, HKV, D), dtype),
+        V: T.Tensor((N, HKV, DV), dtype),
+        dO: T.Tensor((N, HQ, DV), dtype),
+        items: T.Tensor((NI, 4), INDEX),
+        ent_q: T.Tensor((NE,), INDEX),
+        lse2: T.Tensor((N, HQ), ACCUM),
+        delta: T.Tensor((N, HQ), ACCUM),
+        dq_acc: T.Tensor((NDQ, HCG, D), ACCUM),
+        dk_acc: T.Tensor((N, HKV, D), ACCUM),
+        dv_acc: T.Tensor((N, HKV, DV), ACCUM),
+        h_lo: T.int32,
+        sm_scale: T.float32,
+    ):
+        with T.Kernel(NI, threads=threads) as bx:
+            K_s = T.alloc_shared((BS, D), dtype)
+            V_s = T.alloc_shared((BS, DV), dtype)
+            Q_s = T.alloc_shared((R, D), dtype)
+            dO_s = T.alloc_shared((R, DV), dtype)
+            P_s = T.alloc_shared((R, BS), dtype)
+            dS_s = T.alloc_shared((R, BS), dtype)
+            row_tok = T.alloc_shared((R,), INDEX)
+            row_lse2 = T.alloc_shared((R,), ACCUM)
+            row_delta = T.alloc_shared((R,), ACCUM)
+            acc_s = T.alloc_fragment((R, BS), ACCUM)
+            acc_dp = T.alloc_fragment((R, BS), ACCUM)
+            acc_dk = T.alloc_fragment((BS, D), ACCUM)
+            acc_dv = T.alloc_fragment((BS, DV), ACCUM)
+            acc_dq = T.alloc_fragment((R, D), ACCUM)
+
+            h = items[bx, 0]
+            kb = items[bx, 1]
+            e0 = items[bx, 2]
+            e1 = items[bx, 3]
+            if e1 > e0:
+                load_k(K, h, kb, N, K_s)
+                load_v(V, h, kb, N, V_s)
+                T.clear(acc_dk)
+                T.clear(acc_dv)
+                for tile in T.serial(T.ceildiv(e1 - e0, Q_PER_TILE)):
+                    for r in T.Parallel(R):
+                        e = e0 + tile * Q_PER_TILE + r // G
+                        row_tok[r] = T.if_then_else(e < e1, ent_q[e], -1)
+                    for r in T.Parallel(R):
+                        row_lse2[r] = T.if_then_else(
+                            row_tok[r] >= 0, lse2[row_tok[r], h * G + r % G], 0
+                        )
+                        row_delta[r] = T.if_then_else(
+                            row_tok[r] >= 0, delta[row_tok[r], h * G + r % G], 0
+                        )
+                    for r, d in T.Parallel(R, D):
+                        Q_s[r, d] = T.if_then_else(
+                            row_tok[r] >= 0, Q[row_tok[r], h * G + r % G, d], 0
+                        )
+                    for r, d in T.Parallel(R, DV):
+                        dO_s[r, d] = T.if_then_else(
+                            row_tok[r] >= 0, dO[row_tok[r], h * G + r % G, d], 0
+                        )
+                    T.clear(acc_s)
+                    T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                    probs(acc_s, row_tok, row_lse2, kb, sm_scale * LOG2E)
+                    T.clear(acc_dp)
+                    T.gemm(dO_s, V_s, acc_dp, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                    T.copy(acc_s, P_s)
+                    for r, c in T.Parallel(R, BS):
+                        acc_dp[r, c] = acc_s[r, c] * (acc_dp[r, c] - row_delta[r]) * sm_scale
+                    T.copy(acc_dp, dS_s)
+                    T.gemm(P_s, dO_s, acc_dv, transpose_A=True, policy=T.GemmWarpPolicy.FullRow)
+                    T.gemm(dS_s, Q_s, acc_dk, transpose_A=True, policy=T.GemmWarpPolicy.FullRow)
+                    if with_dq:
+                        T.clear(acc_dq)
+                        T.gemm(dS_s, K_s, acc_dq, policy=T.GemmWarpPolicy.FullRow)
+                        for r, d in T.Parallel(R, D):
+                            if row_tok[r] >= 0:
+                                T.atomic_add(
+                                    dq_acc[row_tok[r], (h - h_lo) * G + r % G, d], acc_dq[r, d]
+                                )
+                for i, d in T.Parallel(BS, D):
+                    if kb + i < N:
+                        T.atomic_add(dk_acc[kb + i, h, d], acc_dk[i, d])
+                for i, d in T.Parallel(BS, DV):
+                    if kb + i < N:
+                        T.atomic_add(dv_acc[kb + i, h, d], acc_dv[i, d])
+
+    return main
+
+
+def q_fwd(G: int, D: int, DV: int, BS: int, dtype: str, threads: int, num_stages: int):
+    R = _round_up(G, 16)
+    N, HQ, HKV, TOPK = T.dynamic("N, HQ, HKV, TOPK")
+    load_k = make_load_kv_rows(BS, D)
+    load_v = make_load_kv_rows(BS, DV)
+    mask = make_mask_scores(R, BS)
+
+    @T.prim_func
+    def main(
+        Q: T.Tensor((N, HQ, D), dtype),
+        K: T.Tensor((N, HKV, D), dtype),
+        V: T.Tensor((N, HKV, DV), dtype),
+        topk_idx: T.Tensor((HKV, N, TOPK), INDEX),
+        tok_start: T.Tensor((N,), INDEX),
+        O: T.Tensor((N, HQ, DV), dtype),
+        lse: T.Tensor((N, HQ), ACCUM),
+        sm_scale: T.float32,
+    ):
+        with T.Kernel(N, HKV, threads=threads) as (t, h):
+            Q_s = T.alloc_shared((R, D), dtype)
+            K_s = T.alloc_shared((BS, D), dtype)
+            V_s = T.alloc_shared((BS, DV), dtype)
+            row_tok = T.alloc_shared((R,), INDEX)
+            acc_s = T.alloc_fragment((R, BS), ACCUM)
+            P_s = T.alloc_shared((R, BS), dtype)
+            acc_o = T.alloc_fragment((R, DV), ACCUM)
+            m = T.alloc_fragment((R,), ACCUM)
+            m_prev = T.alloc_fragment((R,), ACCUM)
+            rescale = T.alloc_fragment((R,), ACCUM)
+            l = T.alloc_fragment((R,), ACCUM)
+            l_tile = T.alloc_fragment((R,), ACCUM)
+
+            start = tok_start[t]
+            for r in T.Parallel(R):
+                row_tok[r] = T.if_then_else(r < G, t, -1)
+            for r, d in T.Parallel(R, D):
+                Q_s[r, d] = T.if_then_else(r < G, Q[t, h * G + r, d], 0)
+            T.clear(acc_o)
+            T.clear(l)
+            T.fill(m, -T.infinity(ACCUM))
+            for i in T.Pipelined(TOPK, num_stages=num_stages):
+                kb = start + topk_idx[h, t, i] * BS
+                if topk_idx[h, t, i] >= 0 and kb <= t:
+                    load_k(K, h, kb, N, K_s)
+                    load_v(V, h, kb, N, V_s)
+                    T.clear(acc_s)
+                    T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullCol)
+                    mask(acc_s, row_tok, kb, sm_scale * LOG2E)
+                    T.copy(m, m_prev)
+                    T.reduce_max(acc_s, m, dim=1, clear=False)
+                    for r in T.Parallel(R):
+                        rescale[r] = T.if_then_else(m[r] == -T.infinity(ACCUM), 1, T.exp2(m_prev[r] - m[r]))
+                    for r, c in T.Parallel(R, BS):
+                        acc_s[r, c] = T.exp2(acc_s[r, c] - m[r])
+                    T.reduce_sum(acc_s, l_tile, dim=1)
+                    for r in T.Parallel(R):
+                        l[r] = l[r] * rescale[r] + l_tile[r]
+                    for r, d in T.Parallel(R, DV):
+                        acc_o[r, d] *= rescale[r]
+                    T.copy(acc_s, P_s)
+                    T.gemm(P_s, V_s, acc_o, policy=T.GemmWarpPolicy.FullCol)
+            for r, d in T.Parallel(R, DV):
+                if r < G:
+                    O[t, h * G + r, d] = T.if_then_else(l[r] > 0, acc_o[r, d] / l[r], 0)
+            for r in T.Parallel(R):
+                if r < G:
+                    lse[t, h * G + r] = T.if_then_else(
+                        l[r] > 0, (m[r] + T.log2(l[r])) * LN2, -T.infinity(ACCUM)
+                    )
+
+    return main
+
+
+def q_bwd_dq(G: int, D: int, DV: int, BS: int, dtype: str, threads: int, num_stages: int):
+    R = _round_up(G, 16)
+    N, HQ, HKV, TOPK = T.dynamic("N, HQ, HKV, TOPK")
+    load_k = make_load_kv_rows(BS, D)
+    load_v = make_load_kv_rows(BS, DV)
+    probs = make_probs_from_lse(R, BS)
+
+    @T.prim_func
+    def main(
+        Q: T.Tensor((N, HQ, D), dtype),
+        K: T.Tensor((N, HKV, D), dtype),
+        V: T.Tensor((N, HKV, DV), dtype),
+        dO: T.Tensor((N, HQ, DV), dtype),
+        topk_idx: T.Tensor((HKV, N, TOPK), INDEX),
+        tok_start: T.Tensor((N,), INDEX),
+        lse2: T.Tensor((N, HQ), ACCUM),
+        delta: T.Tensor((N, HQ), ACCUM),
+        dQ: T.Tensor((N, HQ, D), dtype),
+        sm_scale: T.float32,
+    ):
+        with T.Kernel(N, HKV, threads=threads) as (t, h):
+            Q_s = T.alloc_shared((R, D), dtype)
+            dO_s = T.alloc_shared((R, DV), dtype)
+            K_s = T.alloc_shared((BS, D), dtype)
+            V_s = T.alloc_shared((BS, DV), dtype)
+            dS_s = T.alloc_shared((R, BS), dtype)
+            row_tok = T.alloc_shared((R,), INDEX)
+            row_lse2 = T.alloc_shared((R,), ACCUM)
+            row_delta = T.alloc_shared((R,), ACCUM)
+            acc_s = T.alloc_fragment((R, BS), ACCUM)
+            acc_dp = T.alloc_fragment((R, BS), ACCUM)
+            acc_dq = T.alloc_fragment((R, D), ACCUM)
+
+            start = tok_start[t]
+            for r in T.Parallel(R):
+                row_tok[r] = T.if_then_else(r < G, t, -1)
+                row_lse2[r] = T.if_then_else(r < G, lse2[t, h * G + r], 0)
+                row_delta[r] = T.if_then_else(r < G, delta[t, h * G + r], 0)
+            for r, d in T.Parallel(R, D):
+                Q_s[r, d] = T.if_then_else(r < G, Q[t, h * G + r, d], 0)
+            for r, d in T.Parallel(R, DV):
+                dO_s[r, d] = T.if_then_else(r < G, dO[t, h * G + r, d], 0)
+            T.clear(acc_dq)
+            for i in T.Pipelined(TOPK, num_stages=num_stages):
+                kb = start + topk_idx[h, t, i] * BS
+                if topk_idx[h, t, i] >= 0 and kb <= t:
+                    load_k(K, h, kb, N, K_s)
+                    load_v(V, h, kb, N, V_s)
+                    T.clear(acc_s)
+                    T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullCol)
+                    probs(acc_s, row_tok, row_lse2, kb, sm_scale * LOG2E)
+                    T.clear(acc_dp)
+                    T.gemm(dO_s, V_s, acc_dp, transpose_B=True, policy=T.GemmWarpPolicy.FullCol)
+                    for r, c in T.Parallel(R, BS):
+                        acc_dp[r, c] = acc_s[r, c] * (acc_dp[r, c] - row_delta[r]) * sm_scale
+                    T.copy(acc_dp, dS_s)
+                    T.gemm(dS_s, K_s, acc_dq, policy=T.GemmWarpPolicy.FullCol)
+            for r, d in T.Parallel(R, D):
+                if r < G:
+                    dQ[t, h * G + r, d] = acc_dq[r, d]
+
+    return main

@@ -1,0 +1,61 @@
+"""Tile-level building blocks shared by every slc program.
+
+Each factory closes over the compile-time constants (tile shape, dtypes) and returns a TileLang
+macro. The kernels in ``slc.py`` are compositions of these macros, so the math of a step (how a KV
+block is loaded with its tail guarded, how scores are masked causally, how a probability tile is
+formed from a known log-sum-exp) is written once.
+
+Conventions shared by all programs:
+
+* scores live in the log2 domain: ``s2 = (q . k) * scale * log2(e)``, probabilities are ``exp2``,
+  and every log-sum-exp passed between kernels (``lse2``) is in log2 units. The public ops convert
+  to natural log at the boundary.
+* a key at packed token index ``kg`` is visible to a query at packed token index ``qt`` iff
+  ``kg <= qt``. Selected blocks always start inside the query's own sequence (the glue drops blocks
+  past the query's own), so this single comparison is the causal mask *and* the sequence boundary.
+"""
+from __future__ import annotations
+
+import tilelang.language as T
+
+LOG2E = 1.4426950408889634
+ACCUM = "float32"
+
+
+def make_load_kv_rows(rows: int, dim: int):
+    """Copy ``rows`` consecutive token rows of one kv head into shared memory, zero past ``n_tok``."""
+
+    @T.macro
+    def load_kv_rows(src, head, first_tok, n_tok, dst):
+        for i, d in T.Parallel(rows, dim):
+            dst[i, d] = T.if_then_else(first_tok + i < n_tok, src[first_tok + i, head, d], 0)
+
+    return load_kv_rows
+
+
+def make_mask_scores(rows: int, cols: int):
+    """Scale raw scores to the log2 domain and mask keys a row may not see (and dead rows)."""
+
+    @T.macro
+    def mask_scores(acc_s, row_tok, first_key_tok, scale_log2):
+        for r, c in T.Parallel(rows, cols):
+            acc_s[r, c] = T.if_then_else(
+                first_key_tok + c <= row_tok[r], acc_s[r, c] * scale_log2, -T.infinity(ACCUM)
+            )
+
+    return mask_scores
+
+
+def make_probs_from_lse(rows: int, cols: int):
+    """P = exp2(s2 - lse2) for visible keys, 0 elsewhere: the exact softmax once lse is known."""
+
+    @T.macro
+    def probs_from_lse(acc_s, row_tok, row_lse2, first_key_tok, scale_log2):
+        for r, c in T.Parallel(rows, cols):
+            acc_s[r, c] = T.if_then_else(
+                first_key_tok + c <= row_tok[r],
+                T.exp2(acc_s[r, c] * scale_log2 - row_lse2[r]),
+                0,
+            )
+
+    return probs_from_lse

@@ -1,0 +1,111 @@
+"""Dispatch glue of the slc branch: picks the plan, builds the block index, launches the stages.
+
+Inputs are already validated and contiguous (``fsagen.ops`` does that). Nothing here reads a
+tensor's values on the host, so the sequence of launches is capturable in a CUDA graph.
+
+Memory: the KV-outer stages accumulate into float32 buffers of ``N * heads * D``; kv heads are
+processed in chunks so that those buffers and the block index stay under ``FSAGEN_CHUNK_BYTES``
+(default 512 MiB) whatever N and G are.
+"""
+import math
+import os
+
+import torch
+
+from .slc_index import build_block_index, token_layout
+
+LN2 = math.log(2.0)
+_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def _alloc(shape, dtype, device):
+    """Output buffers: NaN-poisoned when FSAGEN_POISON=1 so an unwritten element cannot pass a test."""
+    if os.environ.get("FSAGEN_POISON") == "1":
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _kernel(q, k, v, topk_idx, block_size, phase, loop_order):
+    from .cache import get_kernel
+    from .schedule import load_schedule, arch_of_device
+    from .spec import KernelSpec
+
+    spec = KernelSpec(branch="slc", phase=phase, G=q.shape[1] // k.shape[1], D=q.shape[2],
+                      block_size=block_size, topk=topk_idx.shape[2], dtype=_DTYPE_NAMES[q.dtype])
+    arch = arch_of_device(q.device)
+    plan = load_schedule(arch).plan(spec, loop_order=loop_order)
+    return get_kernel(spec, plan, arch), plan
+
+
+def _head_chunks(num_tokens, num_kv_heads, G, dim, topk):
+    budget = int(os.environ.get("FSAGEN_CHUNK_BYTES", 512 << 20))
+    per_head = num_tokens * (G * dim * 4 + topk * G * 4 + topk * 32)
+    step = max(1, min(num_kv_heads, budget // max(per_head, 1)))
+    return [(lo, min(num_kv_heads, lo + step)) for lo in range(0, num_kv_heads, step)]
+
+
+def plan_for(q, k, topk_idx, block_size, phase, loop_order=None):
+    """The plan the schedule picks for these inputs (used by benchmarks and tests to report it)."""
+    return _kernel(q, k, k, topk_idx, block_size, phase, loop_order)[1]
+
+
+def slc_forward(q, k, v, topk_idx, cu_seqlens, block_size, scale, loop_order=None):
+    N, Hq, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[2]
+    G, topk = Hq // Hkv, topk_idx.shape[2]
+    kern, plan = _kernel(q, k, v, topk_idx, block_size, "fwd", loop_order)
+    o = _alloc((N, Hq, Dv), q.dtype, q.device)
+    lse = _alloc((N, Hq), torch.float32, q.device)
+    if N == 0:
+        return o, lse
+    layout = token_layout(cu_seqlens, N, block_size)
+    if plan.loop_order == "q_outer":
+        kern["q_fwd"](q, k, v, topk_idx, layout.tok_start, o, lse, float(scale))
+        return o, lse
+
+    per_item = plan.knob("rows") // G * plan.knob("tiles_per_item")
+    lse2 = torch.empty((N, Hq), dtype=torch.float32, device=q.device)
+    for h_lo, h_hi in _head_chunks(N, Hkv, G, Dv, topk):
+        heads = slice(h_lo * G, h_hi * G)
+        index = build_block_index(topk_idx[h_lo:h_hi], layout, block_size, h_lo, per_item)
+        part = torch.full((h_hi - h_lo, N, topk, G), -math.inf, dtype=torch.float32, device=q.device)
+        kern["kv_fwd_stats"](q, k, index.items, index.ent_q, index.ent_k, part, h_lo, float(scale))
+        lse_c = torch.logsumexp(part.mul_(LN2), dim=2)  # [hc, N, G], natural log
+        lse[:, heads] = lse_c.permute(1, 0, 2).reshape(N, -1)
+        lse2[:, heads] = lse[:, heads] / LN2
+        del part, lse_c
+        o_acc = torch.zeros((N, (h_hi - h_lo) * G, Dv), dtype=torch.float32, device=q.device)
+        kern["kv_fwd_accum"](q, k, v, index.items, index.ent_q, lse2, o_acc, h_lo, float(scale))
+        o[:, heads] = o_acc
+    return o, lse
+
+
+def slc_backward(do, q, k, v, o, lse, topk_idx, cu_seqlens, block_size, scale, loop_order=None):
+    N, Hq, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[2]
+    G, topk = Hq // Hkv, topk_idx.shape[2]
+    kern, plan = _kernel(q, k, v, topk_idx, block_size, "bwd", loop_order)
+    dq = _alloc(q.shape, q.dtype, q.device)
+    if N == 0:
+        return dq, _alloc(k.shape, k.dtype, k.device), _alloc(v.shape, v.dtype, v.device)
+    layout = token_layout(cu_seqlens, N, block_size)
+    delta = (do.float() * o.float()).sum(-1)
+    lse2 = lse / LN2
+    dk_acc = torch.zeros((N, Hkv, D), dtype=torch.float32, device=q.device)
+    dv_acc = torch.zeros((N, Hkv, Dv), dtype=torch.float32, device=q.device)
+    per_item = plan.knob("rows") // G * plan.knob("tiles_per_item")
+    if plan.loop_order == "q_outer":
+        kern["q_bwd_dq"](q, k, v, do, topk_idx, layout.tok_start, lse2, delta, dq, float(scale))
+        no_dq = torch.empty((1, 1, D), dtype=torch.float32, device=q.device)
+        for h_lo, h_hi in _head_chunks(N, Hkv, 0, 0, topk):
+            index = build_block_index(topk_idx[h_lo:h_hi], layout, block_size, h_lo, per_item)
+            kern["kv_bwd_dkdv"](q, k, v, do, index.items, index.ent_q, lse2, delta, no_dq,
+                                dk_acc, dv_acc, h_lo, float(scale))
+    else:
+        for h_lo, h_hi in _head_chunks(N, Hkv, G, D, topk):
+            index = build_block_index(topk_idx[h_lo:h_hi], layout, block_size, h_lo, per_item)
+            dq_acc = torch.zeros((N, (h_hi - h_lo) * G, D), dtype=torch.float32, device=q.device)
+            kern["kv_bwd"](q, k, v, do, index.items, index.ent_q, lse2, delta, dq_acc,
+                           dk_acc, dv_acc, h_lo, float(scale))
+            dq[:, h_lo * G:h_hi * G] = dq_acc
+    return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)

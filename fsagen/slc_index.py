@@ -1,0 +1,102 @@
+"""Block -> queries index for the KV-outer (FSA order) slc programs, built on the GPU.
+
+Everything here is a fixed sequence of torch ops whose output *shapes* depend only on input
+shapes, never on input values: no host synchronisation, so a whole slc forward + backward can be
+captured in a CUDA graph. Sizes that depend on the data (how many queries chose a block) are
+bounded instead: the work-item table has a static upper-bound length and unused rows are empty
+items (``begin == end``) that the kernels skip.
+
+Layout of the index for kv heads ``[h_lo, h_hi)``:
+
+* entries: every valid (kv head, query token, slot) triple of ``topk_idx``, sorted by
+  (kv head, global block) with queries ascending inside a block (stable sort). ``ent_q`` holds the
+  query token, ``ent_k`` the slot (position in the query's top-k row).
+* items ``[NI, 4]`` int32: (kv head, first token of the KV block, entry begin, entry end). Each
+  item covers at most ``entries_per_item`` entries of one (kv head, block).
+"""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Per-token facts of a packed varlen batch, derived once per call from cu_seqlens."""
+
+    tok_start: torch.Tensor  # int32 [N]: packed index of the token's sequence start
+    tok_block_base: torch.Tensor  # int64 [N]: global index of block 0 of the token's sequence
+    tok_pos: torch.Tensor  # int64 [N]: position inside its sequence
+    block_first_tok: torch.Tensor  # int64 [NB]: first packed token of each global block
+    num_blocks_bound: int  # NB: static bound on the number of blocks over all sequences
+
+
+def token_layout(cu_seqlens: torch.Tensor, num_tokens: int, block_size: int) -> TokenLayout:
+    cu = cu_seqlens.to(torch.int64)
+    batch = cu.numel() - 1
+    dev = cu.device
+    tok = torch.arange(num_tokens, device=dev, dtype=torch.int64)
+    seq = torch.searchsorted(cu, tok, right=True) - 1
+    seq_start = cu[seq]
+    lens = cu[1:] - cu[:-1]
+    blocks_per_seq = (lens + block_size - 1) // block_size
+    seq_block_base = torch.cumsum(blocks_per_seq, 0) - blocks_per_seq
+    nb = num_tokens // block_size + batch  # >= sum(ceil(L_i / bs))
+    gblk = torch.arange(nb, device=dev, dtype=torch.int64)
+    blk_seq = (torch.searchsorted(seq_block_base, gblk, right=True) - 1).clamp_(0, max(batch - 1, 0))
+    block_first_tok = cu[blk_seq] + (gblk - seq_block_base[blk_seq]) * block_size
+    return TokenLayout(
+        tok_start=seq_start.to(torch.int32),
+        tok_block_base=seq_block_base[seq],
+        tok_pos=tok - seq_start,
+        block_first_tok=block_first_tok,
+        num_blocks_bound=nb,
+    )
+
+
+@dataclass(frozen=True)
+class BlockIndex:
+    items: torch.Tensor  # int32 [NI, 4]
+    ent_q: torch.Tensor  # int32 [NE]
+    ent_k: torch.Tensor  # int32 [NE]
+
+
+def valid_selection(topk_idx: torch.Tensor, layout: TokenLayout, block_size: int) -> torch.Tensor:
+    """Entries that take part: not -1 padding and not a block after the query's own."""
+    own_block = (layout.tok_pos // block_size)[None, :, None]
+    idx = topk_idx.to(torch.int64)
+    return (idx >= 0) & (idx <= own_block)
+
+
+def build_block_index(topk_idx: torch.Tensor, layout: TokenLayout, block_size: int, h_lo: int,
+                      entries_per_item: int) -> BlockIndex:
+    """Index of kv heads ``[h_lo, h_lo + topk_idx.shape[0])``; ``topk_idx`` is that slice."""
+    hc, n, topk = topk_idx.shape
+    dev = topk_idx.device
+    nb = layout.num_blocks_bound
+    n_keys = hc * nb
+    valid = valid_selection(topk_idx, layout, block_size)
+    head = torch.arange(hc, device=dev, dtype=torch.int64)[:, None, None]
+    gblk = layout.tok_block_base[None, :, None] + topk_idx.to(torch.int64)
+    key = torch.where(valid, head * nb + gblk, n_keys).flatten()
+    sorted_key, perm = torch.sort(key, stable=True)
+    ent_q = ((perm // topk) % n).to(torch.int32)
+    ent_k = (perm % topk).to(torch.int32)
+
+    bounds = torch.searchsorted(sorted_key, torch.arange(n_keys + 1, device=dev, dtype=torch.int64))
+    count = bounds[1:] - bounds[:-1]
+    items_per_key = (count + entries_per_item - 1) // entries_per_item
+    items_end = torch.cumsum(items_per_key, 0)
+    max_items = (hc * n * topk) // entries_per_item + n_keys
+    item = torch.arange(max_items, device=dev, dtype=torch.int64)
+    owner = torch.searchsorted(items_end, item, right=True)
+    live = owner < n_keys
+    owner = owner.clamp_(max=n_keys - 1)
+    local = item - (items_end[owner] - items_per_key[owner])
+    begin = bounds[owner] + local * entries_per_item
+    end = torch.minimum(begin + entries_per_item, bounds[owner + 1])
+    begin = torch.where(live, begin, 0)
+    end = torch.where(live, end, 0)
+    items = torch.stack(
+        [h_lo + owner // nb, layout.block_first_tok[owner % nb], begin, end], dim=1
+    ).to(torch.int32)
+    return BlockIndex(items=items.contiguous(), ent_q=ent_q, ent_k=ent_k)
