@@ -173,7 +173,7 @@ class NSASpec:
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_toml(path: Path, error=GridError) -> dict:
+def read_toml(path: Path, error=GridError) -> dict:
     try:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
@@ -225,7 +225,7 @@ def _expand_grid(grid: dict, path: Path) -> list[KernelSpec]:
 def load_grid(path: str | Path | None = None, subset: str | None = None) -> list[KernelSpec]:
     """The KernelSpecs of a grid file (default: fsagen/grids/default.toml), or of one named subset."""
     path = Path(path) if path is not None else default_grid_file()
-    data = _read_toml(path)
+    data = read_toml(path)
     if "grid" not in data:
         raise GridError(f"{path}: no [grid] table")
     specs = _expand_grid(data["grid"], path)

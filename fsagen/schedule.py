@@ -1,0 +1,224 @@
+"""Schedules: per-arch TOML files (top-level schedules/) that map a KernelSpec to a Plan.
+
+A Plan is what the kernel builder needs besides the spec: the loop order and its knobs.  Adding
+hardware means adding a schedule file, nothing else.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+from fsagen.errors import NoGPU, ScheduleError, UnsupportedSpec
+from fsagen.paths import schedules_dir
+from fsagen.spec import KernelSpec, read_toml, canonical_key
+
+# Knob names and types per loop order, and a rule each value must keep.
+KNOBS: dict[str, dict[str, type]] = {
+    "kv_outer": {"rows": int, "tiles_per_item": int, "threads": int, "num_stages": int},
+    "q_outer": {"threads": int, "num_stages": int},
+}
+LOOP_ORDERS = tuple(KNOBS)
+_KNOB_RULES = {
+    "rows": (lambda v: v > 0 and v % 16 == 0, "a positive multiple of 16"),
+    "threads": (lambda v: v > 0 and v % 32 == 0, "a positive multiple of 32"),
+    "tiles_per_item": (lambda v: v >= 1, ">= 1"),
+    "num_stages": (lambda v: v >= 0, ">= 0"),
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How to build one KernelSpec: `loop_order` and `knobs`, a sorted tuple of (name, value)."""
+
+    loop_order: str
+    knobs: tuple[tuple[str, object], ...]
+
+    def __post_init__(self):
+        if self.loop_order not in KNOBS:
+            raise ScheduleError(f"Plan.loop_order={self.loop_order!r}: must be one of {list(LOOP_ORDERS)}")
+        object.__setattr__(self, "knobs", tuple(sorted((str(k), v) for k, v in self.knobs)))
+
+    @property
+    def key(self) -> str:
+        return canonical_key(self)
+
+    def knob(self, name: str):
+        for k, v in self.knobs:
+            if k == name:
+                return v
+        raise KeyError(f"plan for {self.loop_order} has no knob {name!r}; knobs are {[k for k, _ in self.knobs]}")
+
+    def to_dict(self) -> dict:
+        return {"loop_order": self.loop_order, "knobs": dict(self.knobs)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Plan":
+        return cls(data["loop_order"], tuple(data["knobs"].items()))
+
+
+def _matches(condition, value) -> bool:
+    if isinstance(condition, dict):
+        return condition.get("min", value) <= value <= condition.get("max", value)
+    if isinstance(condition, list):
+        return value in condition
+    return value == condition
+
+
+def _describe(condition) -> str:
+    if isinstance(condition, dict):
+        return f"in [{condition.get('min', '-inf')}, {condition.get('max', 'inf')}]"
+    if isinstance(condition, list):
+        return f"one of {condition}"
+    return f"== {condition!r}"
+
+
+_SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(KernelSpec))
+
+
+@dataclass(frozen=True)
+class Rule:
+    when: tuple[tuple[str, object], ...]
+    loop_order: str
+    knobs: tuple[tuple[str, object], ...]
+    index: int
+
+    def matches(self, spec: KernelSpec) -> bool:
+        return all(_matches(cond, getattr(spec, name)) for name, cond in self.when)
+
+
+class Schedule:
+    """A parsed schedule file.  Construct with `load_schedule(arch)` or `Schedule.from_file(path)`."""
+
+    def __init__(self, arch: str, path: Path, target: dict, supports: dict, defaults: dict, rules: list[Rule]):
+        self.arch = arch
+        self.path = path
+        self.target = target
+        self.supports = supports
+        self.defaults = defaults  # loop order -> {knob: value}
+        self.rules = rules
+
+    @property
+    def loop_orders(self) -> tuple[str, ...]:
+        return tuple(self.defaults)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Schedule":
+        path = Path(path)
+        data = read_toml(path, error=ScheduleError)
+        where = str(path)
+        unknown = sorted(set(data) - {"target", "supports", "knobs", "rules"})
+        if unknown:
+            raise ScheduleError(f"{where}: unknown table(s) {unknown}")
+        target = data.get("target")
+        if not isinstance(target, dict) or "kind" not in target:
+            raise ScheduleError(f"{where}: [target] must be a table with at least 'kind'")
+        supports = data.get("supports", {})
+        _check_conditions(supports, f"{where}: [supports]")
+        defaults = {}
+        for order, knobs in data.get("knobs", {}).items():
+            if order not in KNOBS:
+                raise ScheduleError(f"{where}: [knobs.{order}]: unknown loop order; known: {list(LOOP_ORDERS)}")
+            _check_knobs(order, knobs, f"{where}: [knobs.{order}]", complete=True)
+            defaults[order] = dict(knobs)
+        if not defaults:
+            raise ScheduleError(f"{where}: no [knobs.<loop order>] table")
+        rules = []
+        for i, raw in enumerate(data.get("rules", [])):
+            at = f"{where}: [[rules]] #{i + 1}"
+            extra = sorted(set(raw) - {"when", "loop_order", "knobs"})
+            if extra:
+                raise ScheduleError(f"{at}: unknown key(s) {extra}")
+            order = raw.get("loop_order")
+            if order not in defaults:
+                raise ScheduleError(f"{at}: loop_order={order!r} must be one of {list(defaults)}")
+            when = raw.get("when", {})
+            _check_conditions(when, f"{at} when")
+            knobs = raw.get("knobs", {})
+            _check_knobs(order, knobs, f"{at} knobs", complete=False)
+            rules.append(Rule(tuple(when.items()), order, tuple(knobs.items()), i + 1))
+        return cls(path.stem, path, target, supports, defaults, rules)
+
+    def check_supported(self, spec: KernelSpec) -> None:
+        for name, cond in self.supports.items():
+            value = getattr(spec, name)
+            if not _matches(cond, value):
+                raise UnsupportedSpec(
+                    f"KernelSpec.{name}={value!r} is not supported by schedule {self.arch} ({self.path}): "
+                    f"{name} must be {_describe(cond)}"
+                )
+
+    def plan(self, spec: KernelSpec, loop_order: str | None = None) -> Plan:
+        """The plan for `spec`: the first matching rule's loop order, or `loop_order` if forced.
+
+        A forced loop order still takes the knob overrides of the first rule that matches the spec
+        and picks that same loop order, so tuned knobs stay in force in comparisons.
+        """
+        self.check_supported(spec)
+        if loop_order is not None and loop_order not in self.defaults:
+            raise UnsupportedSpec(
+                f"loop_order={loop_order!r} is not available in schedule {self.arch} ({self.path}); "
+                f"available: {list(self.defaults)}"
+            )
+        for rule in self.rules:
+            if rule.matches(spec) and loop_order in (None, rule.loop_order):
+                return Plan(rule.loop_order, tuple({**self.defaults[rule.loop_order], **dict(rule.knobs)}.items()))
+        if loop_order is not None:
+            return Plan(loop_order, tuple(self.defaults[loop_order].items()))
+        raise UnsupportedSpec(f"no rule of schedule {self.arch} ({self.path}) matches {spec.name} ({spec.key})")
+
+
+def _check_conditions(conditions: dict, where: str) -> None:
+    for name, cond in conditions.items():
+        if name not in _SPEC_FIELDS:
+            raise ScheduleError(f"{where}: unknown KernelSpec field {name!r}; fields are {list(_SPEC_FIELDS)}")
+        if isinstance(cond, dict) and (not cond or set(cond) - {"min", "max"}):
+            raise ScheduleError(f"{where}: {name} range must have only 'min' and/or 'max', got {cond}")
+
+
+def _check_knobs(order: str, knobs: dict, where: str, complete: bool) -> None:
+    schema = KNOBS[order]
+    for name, value in knobs.items():
+        if name not in schema:
+            raise ScheduleError(f"{where}: unknown knob {name!r} for {order}; knobs are {list(schema)}")
+        kind = schema[name]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise ScheduleError(f"{where}: knob {name!r} must be {kind.__name__}, got {value!r}")
+        ok, rule = _KNOB_RULES.get(name, (lambda v: True, ""))
+        if not ok(value):
+            raise ScheduleError(f"{where}: knob {name!r}={value!r} must be {rule}")
+    missing = [name for name in schema if name not in knobs]
+    if complete and missing:
+        raise ScheduleError(f"{where}: missing knob(s) {missing}")
+
+
+def known_arches() -> list[str]:
+    return sorted(p.stem for p in schedules_dir().glob("*.toml"))
+
+
+def normalize_arch(arch: str) -> str:
+    """'sm90', 'sm_90', 'sm_90a' and '90' all name the sm90 schedule."""
+    a = arch.strip().lower().replace("_", "")
+    if a.isdigit():
+        a = "sm" + a
+    return a[:-1] if a.startswith("sm") and a.endswith("a") else a
+
+
+@functools.lru_cache(maxsize=None)
+def load_schedule(arch: str) -> Schedule:
+    name = normalize_arch(arch)
+    path = schedules_dir() / f"{name}.toml"
+    if not path.is_file():
+        raise ScheduleError(f"unknown arch {arch!r}; known: {known_arches()} (schedule files in {schedules_dir()})")
+    return Schedule.from_file(path)
+
+
+def detect_arch() -> str:
+    """The arch of the current CUDA device, e.g. 'sm90' for compute capability 9.0."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise NoGPU("no CUDA device visible; pass arch= explicitly (e.g. arch='sm90') to use prebuilt kernels")
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm{major}{minor}"
