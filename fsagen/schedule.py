@@ -14,18 +14,25 @@ from fsagen.errors import NoGPU, ScheduleError, UnsupportedSpec
 from fsagen.paths import schedules_dir
 from fsagen.spec import KernelSpec, read_toml, canonical_key
 
-# Knob names and types per loop order, and a rule each value must keep.
-KNOBS: dict[str, dict[str, type]] = {
-    "kv_outer": {"rows": int, "tiles_per_item": int, "threads": int, "num_stages": int},
-    "q_outer": {"threads": int, "num_stages": int},
+LOOP_ORDERS = ("kv_outer", "q_outer")
+# Every knob a schedule may set, its type, and a rule each value must keep.  Which knobs a plan
+# needs is the kernels' business: fsagen.kernels.REQUIRED_KNOBS[(loop_order, phase)].
+_THREADS = (lambda v: v > 0 and v % 32 == 0, "a positive multiple of 32")
+KNOBS: dict[str, tuple[type, object, str]] = {
+    "rows": (int, lambda v: v > 0 and v % 16 == 0, "a positive multiple of 16"),
+    "tiles_per_item": (int, lambda v: v >= 1, ">= 1"),
+    "threads": (int, *_THREADS),
+    "bwd_threads": (int, *_THREADS),
+    "q_threads": (int, *_THREADS),
+    "num_stages": (int, lambda v: v >= 0, ">= 0"),
 }
-LOOP_ORDERS = tuple(KNOBS)
-_KNOB_RULES = {
-    "rows": (lambda v: v > 0 and v % 16 == 0, "a positive multiple of 16"),
-    "threads": (lambda v: v > 0 and v % 32 == 0, "a positive multiple of 32"),
-    "tiles_per_item": (lambda v: v >= 1, ">= 1"),
-    "num_stages": (lambda v: v >= 0, ">= 0"),
-}
+
+
+def required_knobs(loop_order: str, phase: str) -> tuple[str, ...]:
+    """The knobs the kernels read for (loop_order, phase); imported lazily (no TileLang import)."""
+    from fsagen.kernels import REQUIRED_KNOBS
+
+    return tuple(REQUIRED_KNOBS[(loop_order, phase)])
 
 
 @dataclass(frozen=True)
@@ -36,7 +43,7 @@ class Plan:
     knobs: tuple[tuple[str, object], ...]
 
     def __post_init__(self):
-        if self.loop_order not in KNOBS:
+        if self.loop_order not in LOOP_ORDERS:
             raise ScheduleError(f"Plan.loop_order={self.loop_order!r}: must be one of {list(LOOP_ORDERS)}")
         object.__setattr__(self, "knobs", tuple(sorted((str(k), v) for k, v in self.knobs)))
 
@@ -118,9 +125,9 @@ class Schedule:
         _check_conditions(supports, f"{where}: [supports]")
         defaults = {}
         for order, knobs in data.get("knobs", {}).items():
-            if order not in KNOBS:
+            if order not in LOOP_ORDERS:
                 raise ScheduleError(f"{where}: [knobs.{order}]: unknown loop order; known: {list(LOOP_ORDERS)}")
-            _check_knobs(order, knobs, f"{where}: [knobs.{order}]", complete=True)
+            _check_knobs(knobs, f"{where}: [knobs.{order}]")
             defaults[order] = dict(knobs)
         if not defaults:
             raise ScheduleError(f"{where}: no [knobs.<loop order>] table")
@@ -136,7 +143,7 @@ class Schedule:
             when = raw.get("when", {})
             _check_conditions(when, f"{at} when")
             knobs = raw.get("knobs", {})
-            _check_knobs(order, knobs, f"{at} knobs", complete=False)
+            _check_knobs(knobs, f"{at} knobs")
             rules.append(Rule(tuple(when.items()), order, tuple(knobs.items()), i + 1))
         return cls(path.stem, path, target, supports, defaults, rules)
 
@@ -163,10 +170,22 @@ class Schedule:
             )
         for rule in self.rules:
             if rule.matches(spec) and loop_order in (None, rule.loop_order):
-                return Plan(rule.loop_order, tuple({**self.defaults[rule.loop_order], **dict(rule.knobs)}.items()))
+                return self._make_plan(spec, rule.loop_order, dict(rule.knobs), f"[[rules]] #{rule.index}")
         if loop_order is not None:
-            return Plan(loop_order, tuple(self.defaults[loop_order].items()))
+            return self._make_plan(spec, loop_order, {}, "(forced loop order)")
         raise UnsupportedSpec(f"no rule of schedule {self.arch} ({self.path}) matches {spec.name} ({spec.key})")
+
+    def _make_plan(self, spec: KernelSpec, loop_order: str, overrides: dict, origin: str) -> Plan:
+        """Only the knobs the kernels read go into the plan, so its key changes only when they do."""
+        knobs = {**self.defaults[loop_order], **overrides}
+        needed = required_knobs(loop_order, spec.phase)
+        missing = [name for name in needed if name not in knobs]
+        if missing:
+            raise ScheduleError(
+                f"{self.path}: [knobs.{loop_order}] (with {origin}) lacks knob(s) {missing} "
+                f"needed by {loop_order} {spec.phase}"
+            )
+        return Plan(loop_order, tuple((name, knobs[name]) for name in needed))
 
 
 def _check_conditions(conditions: dict, where: str) -> None:
@@ -177,20 +196,15 @@ def _check_conditions(conditions: dict, where: str) -> None:
             raise ScheduleError(f"{where}: {name} range must have only 'min' and/or 'max', got {cond}")
 
 
-def _check_knobs(order: str, knobs: dict, where: str, complete: bool) -> None:
-    schema = KNOBS[order]
+def _check_knobs(knobs: dict, where: str) -> None:
     for name, value in knobs.items():
-        if name not in schema:
-            raise ScheduleError(f"{where}: unknown knob {name!r} for {order}; knobs are {list(schema)}")
-        kind = schema[name]
+        if name not in KNOBS:
+            raise ScheduleError(f"{where}: unknown knob {name!r}; knobs are {list(KNOBS)}")
+        kind, ok, rule = KNOBS[name]
         if isinstance(value, bool) or not isinstance(value, kind):
             raise ScheduleError(f"{where}: knob {name!r} must be {kind.__name__}, got {value!r}")
-        ok, rule = _KNOB_RULES.get(name, (lambda v: True, ""))
         if not ok(value):
             raise ScheduleError(f"{where}: knob {name!r}={value!r} must be {rule}")
-    missing = [name for name in schema if name not in knobs]
-    if complete and missing:
-        raise ScheduleError(f"{where}: missing knob(s) {missing}")
 
 
 def known_arches() -> list[str]:
