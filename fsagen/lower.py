@@ -1,0 +1,88 @@
+"""Compile TileLang PrimFuncs to loadable files, and load them back without recompiling.
+
+Findings for TileLang 0.1.15 (execution_backend="tvm_ffi"), used by fsagen.cache.CompiledKernel:
+
+(a) Calling convention.  `JITKernel.export_library(path)` writes one shared object holding the host
+    wrapper and the cubin.  After `import tilelang` (it registers the CUDA module loader),
+    `tvm_ffi.load_module(path)[entry]` is a `tvm_ffi.Function` named by the PrimFunc's global_symbol.
+    It takes the PrimFunc's parameters positionally: torch tensors directly (zero-copy through the
+    DLPack exchange API) and python int/float for scalar parameters.  Symbolic dims (T.dynamic) are
+    read from the tensors' shapes, so one compiled file serves every N.  The host wrapper checks
+    arg count, ndim, dtype, device type and (static) shapes and raises RuntimeError naming the buffer.
+(b) Stream.  On each call tvm_ffi asks torch (DLPack exchange API `current_work_stream`) for the
+    current stream of the first CUDA tensor argument's device and sets it as TVM-FFI's environment
+    stream for that call (TVMFFIEnvSetStream, restored afterwards); the kernel launch reads it with
+    TVMFFIEnvGetStream.  So a stage launches on torch.cuda.current_stream(); nothing needs to be
+    passed, and CUDA-graph capture sees the launch.  (A stage with no tensor argument would launch
+    on the default stream; fsagen's stages always take tensors.)
+(c) out_idx.  fsagen compiles with out_idx=None: the exported function takes every buffer (inputs
+    and outputs) and returns None; the caller allocates outputs (e.g. with torch.empty on the
+    current stream).  With out_idx set, TileLang's adapter would allocate outputs itself, which
+    fsagen does not use (allocation belongs to the glue, so buffers can be reused).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+EXECUTION_BACKEND = "tvm_ffi"
+
+
+def _split_program(program):
+    """A program is a PrimFunc, or (PrimFunc, pass_configs dict) when a stage needs pass configs."""
+    if isinstance(program, tuple):
+        func, pass_configs = program
+        return func, dict(pass_configs or {})
+    return program, {}
+
+
+def _param_info(func) -> list[dict]:
+    info = []
+    for param in func.params:
+        buf = func.buffer_map.get(param)
+        if buf is None:
+            info.append({"name": param.name, "kind": "scalar", "dtype": str(param.dtype)})
+        else:
+            info.append({
+                "name": buf.name, "kind": "tensor", "dtype": str(buf.dtype),
+                "shape": [str(dim) for dim in buf.shape],
+            })
+    return info
+
+
+def compile_programs(programs: dict, target: dict, dest: Path) -> dict:
+    """Compile each stage into dest/<stage>.so (+ <stage>.cu, the device source).
+
+    Returns {stage: meta} for meta.json: file names, entry symbol, parameters, compile seconds.
+    """
+    import tilelang
+
+    stages = {}
+    for stage, program in programs.items():
+        func, pass_configs = _split_program(program)
+        # Read before compiling: a compile may mutate the PrimFunc.
+        entry = str(func.attrs["global_symbol"]) if func.attrs and "global_symbol" in func.attrs else stage
+        params = _param_info(func)
+        start = time.perf_counter()
+        kernel = tilelang.compile(
+            func, out_idx=None, target=target, execution_backend=EXECUTION_BACKEND,
+            pass_configs=pass_configs or None,
+        )
+        library, source = f"{stage}.so", f"{stage}.cu"
+        kernel.export_library(str(dest / library))
+        (dest / source).write_text(kernel.get_kernel_source())
+        stages[stage] = {
+            "library": library, "source": source, "entry": entry, "params": params,
+            "pass_configs": {str(k): v for k, v in pass_configs.items()},
+            "compile_seconds": round(time.perf_counter() - start, 3),
+        }
+    return stages
+
+
+def load_function(library: Path, entry: str):
+    """The callable of one exported stage; see (a)-(c) above for how to call it."""
+    import tilelang  # noqa: F401  (registers TileLang's runtime, which the library needs)
+    import tvm_ffi
+
+    module = tvm_ffi.load_module(str(library))
+    return module[entry]

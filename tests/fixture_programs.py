@@ -1,0 +1,26 @@
+"""A tiny TileLang program standing in for the real kernels in infrastructure tests.
+
+`build_programs(spec, plan)` has the signature of fsagen.kernels.build_programs; select it with
+FSAGEN_PROGRAMS=fixture_programs:build_programs (tests/ on sys.path).
+"""
+
+
+def axpy(block: int = 128, threads: int = 128):
+    """C[i] = A[i] + alpha * B[i] for any N (one compiled kernel for every length)."""
+    import tilelang.language as T
+
+    N = T.dynamic("N")
+
+    @T.prim_func
+    def axpy_kernel(A: T.Tensor((N,), "float32"), B: T.Tensor((N,), "float32"),
+                    C: T.Tensor((N,), "float32"), alpha: T.float32):
+        with T.Kernel(T.ceildiv(N, block), threads=threads) as bx:
+            for i in T.Parallel(block):
+                if bx * block + i < N:
+                    C[bx * block + i] = A[bx * block + i] + alpha * B[bx * block + i]
+
+    return axpy_kernel
+
+
+def build_programs(spec, plan):
+    return {"main": axpy()}
