@@ -230,6 +230,13 @@ def find_artifact(arch: str, name: str) -> Path | None:
     return None
 
 
+def artifact_ref(spec: KernelSpec, plan: Plan, arch: str) -> tuple[str, dict]:
+    """(name, key) of the artifact of (spec, plan) for `arch`; cheap (no TileLang import)."""
+    schedule = load_schedule(arch)
+    key = artifact_key(spec, plan, schedule.arch, schedule.target)
+    return artifact_name(spec, plan, key), key
+
+
 def ensure_artifact(spec: KernelSpec, plan: Plan, arch: str, root: Path | None = None) -> tuple[Path, bool]:
     """(path, built): the artifact of (spec, plan, arch), built into `root`/<arch> if missing.
 
@@ -237,8 +244,7 @@ def ensure_artifact(spec: KernelSpec, plan: Plan, arch: str, root: Path | None =
     with `root` given (AOT builds) only that root is looked at.
     """
     schedule = load_schedule(arch)
-    key = artifact_key(spec, plan, schedule.arch, schedule.target)
-    name = artifact_name(spec, plan, key)
+    name, key = artifact_ref(spec, plan, arch)
     if root is None:
         found = find_artifact(schedule.arch, name)
         if found is not None:
