@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as futures
 import json
-import logging
 import multiprocessing
 import os
 import shutil
@@ -28,7 +27,9 @@ def _build_one(spec_dict: dict, plan_dict: dict, arch: str, out: str) -> tuple[f
     from fsagen.schedule import Plan
     from fsagen.spec import KernelSpec
 
-    logging.getLogger("tilelang").setLevel(logging.WARNING)  # per-kernel INFO lines drown the progress
+    import tilelang
+
+    tilelang.set_log_level("WARNING")  # its per-kernel INFO lines would drown the progress lines
     start = time.perf_counter()
     try:
         ensure_artifact(KernelSpec(**spec_dict), Plan.from_dict(plan_dict), arch, root=Path(out))
