@@ -27,12 +27,12 @@ def _alloc(shape, dtype, device):
 
 def _kernel(q, k, v, topk_idx, block_size, phase, loop_order):
     from .cache import get_kernel
-    from .schedule import load_schedule, arch_of_device
+    from .schedule import detect_arch, load_schedule
     from .spec import KernelSpec
 
     spec = KernelSpec(branch="slc", phase=phase, G=q.shape[1] // k.shape[1], D=q.shape[2],
                       block_size=block_size, topk=topk_idx.shape[2], dtype=_DTYPE_NAMES[q.dtype])
-    arch = arch_of_device(q.device)
+    arch = detect_arch()
     plan = load_schedule(arch).plan(spec, loop_order=loop_order)
     return get_kernel(spec, plan, arch), plan
 
