@@ -1,0 +1,176 @@
+"""Artifact cache: atomic publish, locking between processes, keys, reload without recompiling."""
+import json
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from fsagen import cache, lower
+from fsagen.errors import ArtifactError
+from fsagen.schedule import load_schedule
+from fsagen.spec import KernelSpec
+
+TESTS = Path(__file__).resolve().parent
+SPEC = KernelSpec("slc", "fwd", 4, 128, 64, 16, "bfloat16")
+TARGET = {"kind": "cuda", "arch": "sm_90a"}
+
+
+def fake_compile(programs, target, staging: Path, delay=0.0, log: Path | None = None):
+    """Stands in for fsagen.lower.compile_programs: writes one 'library' per stage."""
+    if log is not None:
+        with open(log, "a") as fh:
+            fh.write(f"{os.getpid()}\n")
+    time.sleep(delay)
+    stages = {}
+    for stage, text in programs.items():
+        (staging / f"{stage}.so").write_text(text)
+        stages[stage] = {"library": f"{stage}.so", "source": f"{stage}.so", "entry": stage}
+    return stages
+
+
+def _build_in_process(dest: str, log: str, delay: float) -> bool:
+    return cache.build_artifact(
+        {"main": "x"}, {"k": 1}, TARGET, Path(dest),
+        compile=lambda p, t, s: fake_compile(p, t, s, delay=delay, log=Path(log)),
+    )
+
+
+def test_build_publishes_complete_artifact_once(tmp_path):
+    dest = tmp_path / "sm90" / "art"
+    calls = []
+
+    def programs():
+        calls.append(1)
+        return {"a": "1", "b": "2"}
+
+    assert cache.build_artifact(programs, {"k": 1}, TARGET, dest, compile=fake_compile) is True
+    meta = json.loads((dest / "meta.json").read_text())
+    assert meta["key"] == {"k": 1} and meta["target"] == TARGET and list(meta["stages"]) == ["a", "b"]
+    assert (dest / "a.so").read_text() == "1"
+    # a second build is a no-op: programs are not even built
+    assert cache.build_artifact(programs, {"k": 1}, TARGET, dest, compile=fake_compile) is False
+    assert calls == [1]
+    assert not list(dest.parent.glob(".staging-*"))
+
+
+def test_failed_build_leaves_nothing(tmp_path):
+    dest = tmp_path / "sm90" / "art"
+
+    def broken(programs, target, staging):
+        (staging / "half.so").write_text("partial")
+        raise RuntimeError("compiler exploded")
+
+    with pytest.raises(RuntimeError, match="exploded"):
+        cache.build_artifact({"main": "x"}, {}, TARGET, dest, compile=broken)
+    assert not dest.exists()
+    assert not list(dest.parent.glob(".staging-*"))
+
+
+def test_two_processes_build_the_same_artifact_once(tmp_path):
+    dest, log = tmp_path / "sm90" / "art", tmp_path / "compiles.log"
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(2) as pool:
+        results = [pool.apply_async(_build_in_process, (str(dest), str(log), 1.5)) for _ in range(2)]
+        built = sorted(r.get(timeout=60) for r in results)
+    assert built == [False, True]
+    assert len(log.read_text().split()) == 1  # compiled by one process only
+    assert cache.is_complete(dest)
+    assert not list(dest.parent.glob(".staging-*"))
+
+
+def test_incomplete_artifact_is_rebuilt(tmp_path):
+    dest = tmp_path / "art"
+    dest.mkdir()
+    (dest / "junk").write_text("left by a crash outside fsagen")
+    assert cache.build_artifact({"main": "x"}, {}, TARGET, dest, compile=fake_compile)
+    assert not (dest / "junk").exists() and cache.is_complete(dest)
+
+
+def test_key_covers_spec_plan_arch_versions_and_kernel_sources(monkeypatch):
+    sched = load_schedule("sm90")
+    kv, q = sched.plan(SPEC, "kv_outer"), sched.plan(SPEC, "q_outer")
+    name, key = cache.artifact_ref(SPEC, kv, "sm90")
+    assert name.startswith(SPEC.name + ".kv_outer.")
+    assert set(key) >= {"spec", "plan", "arch", "target", "fsagen", "tilelang", "kernel_sources"}
+    assert cache.artifact_ref(SPEC, q, "sm90")[0] != name
+    other = KernelSpec("slc", "fwd", 8, 128, 64, 16, "bfloat16")
+    assert cache.artifact_ref(other, kv, "sm90")[0] != name
+    monkeypatch.setattr(cache, "_sources_hash", "edited kernel")
+    assert cache.artifact_ref(SPEC, kv, "sm90")[0] != name
+    monkeypatch.setattr(cache, "tilelang_version", lambda: "9.9.9")
+    assert cache.artifact_ref(SPEC, kv, "sm90")[1]["tilelang"] == "9.9.9"
+
+
+def test_compiled_kernel_rejects_incomplete(tmp_path):
+    with pytest.raises(ArtifactError, match="no meta.json"):
+        cache.CompiledKernel(tmp_path)
+
+
+# ---- real TileLang compile of a tiny fixture program (one compile, a few seconds) ----------------
+
+@pytest.fixture
+def fixture_env(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+    monkeypatch.setenv("FSAGEN_PROGRAMS", "fixture_programs:build_programs")
+    monkeypatch.setenv("FSAGEN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("FSAGEN_GENERATED_DIR", str(tmp_path / "generated"))
+    monkeypatch.setattr(cache, "_loaded", {})
+    return tmp_path
+
+
+def test_jit_compile_then_reload_without_recompiling(fixture_env, monkeypatch):
+    pytest.importorskip("tilelang")
+    kernel = cache.get_kernel(SPEC, arch="sm90")
+    assert kernel.path.parent == fixture_env / "cache" / "sm90"
+    assert {p.name for p in kernel.path.iterdir()} == {"main.so", "main.cu", "meta.json"}
+    info = kernel.meta["stages"]["main"]
+    assert info["entry"] == "axpy_kernel"
+    assert [p["name"] for p in info["params"]] == ["A", "B", "C", "alpha"]
+    assert info["params"][0]["shape"] == ["N"] and info["params"][3]["kind"] == "scalar"
+    assert "__global__" in kernel.source("main")
+    assert kernel.spec == SPEC and kernel.plan == load_schedule("sm90").plan(SPEC)
+    assert cache.get_kernel(SPEC, arch="sm90") is kernel  # memoised
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("recompiled")
+
+    monkeypatch.setattr(lower, "compile_programs", no_compile)
+    monkeypatch.setattr(cache, "_loaded", {})
+    again = cache.get_kernel(SPEC, arch="sm90")
+    assert again.path == kernel.path
+    # The exported library loads on a machine without a GPU; the host wrapper checks devices.
+    torch = pytest.importorskip("torch")
+    function = again["main"]
+    x = torch.zeros(8)
+    with pytest.raises(Exception, match="device_type mismatch, expected cuda"):
+        function(x, x, x, 2.0)
+
+    # AOT artifacts (generated/) are found before the user cache
+    aot = fixture_env / "generated" / "sm90" / kernel.path.name
+    aot.parent.mkdir(parents=True)
+    os.rename(kernel.path, aot)
+    monkeypatch.setattr(cache, "_loaded", {})
+    assert cache.get_kernel(SPEC, arch="sm90").path == aot
+
+
+@pytest.mark.gpu
+def test_reloaded_stage_runs_on_current_stream(fixture_env):
+    import torch
+
+    kernel = cache.get_kernel(SPEC, arch=None)
+    a, b = torch.randn(1000, device="cuda"), torch.randn(1000, device="cuda")
+    c = torch.empty_like(a)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        kernel["main"](a, b, c, 2.0)
+    stream.synchronize()
+    torch.testing.assert_close(c, a + 2.0 * b)
+    # CUDA-graph capture: the launch must go to the capturing stream
+    graph, c2 = torch.cuda.CUDAGraph(), torch.zeros_like(a)
+    with torch.cuda.graph(graph):
+        kernel["main"](a, b, c2, 3.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(c2, a + 3.0 * b)
