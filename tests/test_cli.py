@@ -1,0 +1,100 @@
+"""The fsagen command, with the tiny fixture program standing in for the real kernels."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fsagen.cli import main
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+
+
+def run_cli(*argv, env_extra=None, code=None):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(TESTS), env.get("PYTHONPATH", "")])
+    env.update(env_extra or {})
+    cmd = [sys.executable, "-c", code, *argv] if code else [sys.executable, "-m", "fsagen.cli", *argv]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def env(tmp_path):
+    return {
+        "FSAGEN_PROGRAMS": "fixture_programs:build_programs",
+        "FSAGEN_CACHE_DIR": str(tmp_path / "cache"),
+        "FSAGEN_GENERATED_DIR": str(tmp_path / "generated"),
+    }
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["build", "--arch", "sm70"], "unknown arch 'sm70'"),
+    (["build", "--arch", "sm90", "--grid", "/nonexistent.toml"], "not found"),
+    (["build", "--arch", "sm90", "--subset", "nightly"], "no subset 'nightly'"),
+    (["show", "no_such_kernel"], "no artifact named"),
+])
+def test_errors_are_one_line_exit_2(argv, message, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("FSAGEN_CACHE_DIR", str(tmp_path / "c"))
+    monkeypatch.setenv("FSAGEN_GENERATED_DIR", str(tmp_path / "g"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fsagen: error:") and message in err and err.count("\n") == 1
+
+
+# The second build must not import TileLang or torch: it only checks which artifacts exist.
+NOOP_CHECK = (
+    "import sys; from fsagen.cli import main; rc = main(sys.argv[1:]); "
+    "heavy = [m for m in ('tilelang', 'torch') if m in sys.modules]; "
+    "assert not heavy, heavy; sys.exit(rc)"
+)
+
+
+def test_build_list_show_clean(env, tmp_path):
+    pytest.importorskip("tilelang")
+    out = tmp_path / "aot"
+    args = ["build", "--arch", "sm90", "--subset", "ci", "--jobs", "2", "--out", str(out), "--loop-orders", "all"]
+    first = run_cli(*args, env_extra=env)
+    assert first.returncode == 0, first.stderr
+    lines = [l for l in first.stdout.splitlines() if l.startswith("[")]
+    assert len(lines) == 8 and lines[-1].startswith("[8/8] slc_")
+    assert {"kv_outer", "q_outer"} <= {l.split()[2] for l in lines}
+    manifest = json.loads((out / "sm90" / "manifest.json").read_text())
+    assert len(manifest["artifacts"]) == 8 and manifest["subset"] == "ci"
+    assert manifest["versions"]["tilelang"]
+    names = [a["name"] for a in manifest["artifacts"]]
+    assert all((out / "sm90" / n / "meta.json").is_file() for n in names)
+    md = (out / "sm90" / "MANIFEST.md").read_text()
+    assert all(n in md for n in names)
+
+    start = time.perf_counter()
+    second = run_cli(*args, env_extra=env, code=NOOP_CHECK)
+    assert second.returncode == 0, second.stderr
+    assert time.perf_counter() - start < 20
+    assert "8 up to date, 0 to build" in second.stdout
+    assert not [l for l in second.stdout.splitlines() if l.startswith("[")]
+
+    env_aot = {**env, "FSAGEN_GENERATED_DIR": str(out)}
+    listed = run_cli("list", "--arch", "sm90", env_extra=env_aot)
+    assert listed.returncode == 0 and all(n in listed.stdout for n in names)
+    shown = run_cli("show", names[0], env_extra=env_aot)
+    assert shown.returncode == 0, shown.stderr
+    assert "__global__" in shown.stdout and '"entry": "axpy_kernel"' in shown.stdout
+    ambiguous = run_cli("show", "slc_", env_extra=env_aot)
+    assert ambiguous.returncode == 2 and "matches several" in ambiguous.stderr
+
+    cleaned = run_cli("clean", "--out", str(out), env_extra=env)
+    assert cleaned.returncode == 0 and not (out / "sm90").exists()
+
+
+def test_failed_kernel_is_reported_and_others_still_build(env, tmp_path):
+    out = tmp_path / "aot"
+    bad = {**env, "FSAGEN_PROGRAMS": "fixture_programs:no_such_function"}
+    result = run_cli("build", "--arch", "sm90", "--subset", "ci", "--jobs", "1", "--out", str(out), env_extra=bad)
+    assert result.returncode == 1
+    assert result.stdout.count("FAILED: AttributeError") == 4
+    assert "no_such_function" in (out / "sm90" / "build-errors.log").read_text()
+    assert json.loads((out / "sm90" / "manifest.json").read_text())["artifacts"] == []
