@@ -25,6 +25,7 @@ KNOBS: dict[str, tuple[type, object, str]] = {
     "bwd_threads": (int, *_THREADS),
     "q_threads": (int, *_THREADS),
     "num_stages": (int, lambda v: v >= 0, ">= 0"),
+    "bulk_copy": (bool, lambda v: True, "true or false"),
 }
 
 
@@ -201,7 +202,7 @@ def _check_knobs(knobs: dict, where: str) -> None:
         if name not in KNOBS:
             raise ScheduleError(f"{where}: unknown knob {name!r}; knobs are {list(KNOBS)}")
         kind, ok, rule = KNOBS[name]
-        if isinstance(value, bool) or not isinstance(value, kind):
+        if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
             raise ScheduleError(f"{where}: knob {name!r} must be {kind.__name__}, got {value!r}")
         if not ok(value):
             raise ScheduleError(f"{where}: knob {name!r}={value!r} must be {rule}")

@@ -9,8 +9,8 @@ to know which stages a plan has. Each call builds fresh PrimFuncs: a compile may
 REQUIRED_KNOBS = {
     ("kv_outer", "fwd"): ("rows", "tiles_per_item", "threads"),
     ("kv_outer", "bwd"): ("rows", "tiles_per_item", "bwd_threads"),
-    ("q_outer", "fwd"): ("q_threads", "num_stages"),
-    ("q_outer", "bwd"): ("q_threads", "num_stages", "rows", "tiles_per_item", "bwd_threads"),
+    ("q_outer", "fwd"): ("q_threads", "num_stages", "bulk_copy"),
+    ("q_outer", "bwd"): ("q_threads", "num_stages", "bulk_copy", "rows", "tiles_per_item", "bwd_threads"),
 }
 
 _DTYPES = {"bfloat16": "bfloat16", "float16": "float16"}
@@ -41,7 +41,9 @@ def build_programs(spec, plan) -> dict:
         "kv_fwd_accum": lambda: slc.kv_fwd_accum(G, D, DV, BS, dtype, knob("rows"), knob("threads")),
         "kv_bwd": lambda: slc.kv_bwd(G, D, DV, BS, dtype, knob("rows"), knob("bwd_threads"), True),
         "kv_bwd_dkdv": lambda: slc.kv_bwd(G, D, DV, BS, dtype, knob("rows"), knob("bwd_threads"), False),
-        "q_fwd": lambda: slc.q_fwd(G, D, DV, BS, dtype, knob("q_threads"), knob("num_stages")),
-        "q_bwd_dq": lambda: slc.q_bwd_dq(G, D, DV, BS, dtype, knob("q_threads"), knob("num_stages")),
+        "q_fwd": lambda: slc.q_fwd(G, D, DV, BS, dtype, knob("q_threads"), knob("num_stages"),
+                                   knob("bulk_copy")),
+        "q_bwd_dq": lambda: slc.q_bwd_dq(G, D, DV, BS, dtype, knob("q_threads"), knob("num_stages"),
+                                         knob("bulk_copy")),
     }
     return {name: builders[name]() for name in stage_names(plan.loop_order, spec.phase)}

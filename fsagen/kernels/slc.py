@@ -252,11 +252,12 @@ def kv_bwd(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, threads: int
     return main
 
 
-def q_fwd(G: int, D: int, DV: int, BS: int, dtype: str, threads: int, num_stages: int):
+def q_fwd(G: int, D: int, DV: int, BS: int, dtype: str, threads: int, num_stages: int,
+          bulk_copy: bool):
     R = _round_up(G, 16)
     N, HQ, HKV, TOPK = T.dynamic("N, HQ, HKV, TOPK")
-    load_k = make_load_kv_rows(BS, D)
-    load_v = make_load_kv_rows(BS, DV)
+    load_k = make_load_kv_rows(BS, D, bulk_copy)
+    load_v = make_load_kv_rows(BS, DV, bulk_copy)
     mask = make_mask_scores(R, BS)
 
     @T.prim_func
@@ -325,11 +326,12 @@ def q_fwd(G: int, D: int, DV: int, BS: int, dtype: str, threads: int, num_stages
     return main
 
 
-def q_bwd_dq(G: int, D: int, DV: int, BS: int, dtype: str, threads: int, num_stages: int):
+def q_bwd_dq(G: int, D: int, DV: int, BS: int, dtype: str, threads: int, num_stages: int,
+             bulk_copy: bool):
     R = _round_up(G, 16)
     N, HQ, HKV, TOPK = T.dynamic("N, HQ, HKV, TOPK")
-    load_k = make_load_kv_rows(BS, D)
-    load_v = make_load_kv_rows(BS, DV)
+    load_k = make_load_kv_rows(BS, D, bulk_copy)
+    load_v = make_load_kv_rows(BS, DV, bulk_copy)
     probs = make_probs_from_lse(R, BS)
 
     @T.prim_func

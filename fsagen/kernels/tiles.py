@@ -22,8 +22,20 @@ LOG2E = 1.4426950408889634
 ACCUM = "float32"
 
 
-def make_load_kv_rows(rows: int, dim: int):
-    """Copy ``rows`` consecutive token rows of one kv head into shared memory, zero past ``n_tok``."""
+def make_load_kv_rows(rows: int, dim: int, bulk: bool = False):
+    """Copy ``rows`` consecutive token rows of one kv head into shared memory, zero past ``n_tok``.
+
+    ``bulk`` uses TileLang's tile copy (cp.async / TMA, which a pipelined loop can overlap with
+    compute; TileLang predicates the rows past the tensor's end); otherwise each thread loads
+    guarded elements itself.
+    """
+    if bulk:
+
+        @T.macro
+        def load_kv_rows(src, head, first_tok, n_tok, dst):
+            T.copy(src[first_tok:first_tok + rows, head, :], dst)
+
+        return load_kv_rows
 
     @T.macro
     def load_kv_rows(src, head, first_tok, n_tok, dst):
