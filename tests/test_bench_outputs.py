@@ -1,0 +1,53 @@
+"""bench/bench_slc.py on a CPU: its report writers (with made-up rows) and its no-GPU exit."""
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_slc.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_slc", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_slc"] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _rows(bench):
+    rows = []
+    for g in (1, 4):
+        meta = dict(G=g, Hq=4 * g, block_size=64, topk=16, published=bench.PUBLISHED.get((g, 64, 16), {}))
+        for c in ("fsagen auto", "sdpa cudnn (dense causal)"):
+            for ph, ms in (("fwd", 10.0), ("bwd", 20.0)):
+                rows.append(bench.Row(**meta, contender=c, phase=ph, ms=ms, tflops=1.0))
+    rows[-1].ms, rows[-1].error = math.nan, "RuntimeError: failed | badly"
+    return rows
+
+
+def test_writers(bench, tmp_path):
+    rows = _rows(bench)
+    bench.write_csv(tmp_path / "slc_bench.csv", rows)
+    bench.write_markdown(tmp_path / "slc_bench.md", rows, {"device": "none"})
+    md = (tmp_path / "slc_bench.md").read_text()
+    assert "ERROR RuntimeError: failed / badly" in md
+    csv_lines = (tmp_path / "slc_bench.csv").read_text().splitlines()
+    assert len(csv_lines) == len(rows) + 1
+    # fsagen auto fwd at G=1: published FSA 12.6 ms / 10 ms, cuDNN measured here 10 ms / 10 ms.
+    rec = bench._table(rows)[0]
+    assert rec["speedup_vs_pub_fsa"] == pytest.approx(1.26) and rec["speedup_vs_sdpa_cudnn"] == 1.0
+    pytest.importorskip("matplotlib")
+    assert bench.write_plot(tmp_path / "slc_bench.png", rows, "t") and (tmp_path / "slc_bench.png").stat().st_size
+
+
+def test_no_gpu_exits_2(bench, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    assert bench.main(["--quick", "--out", str(tmp_path)]) == 2
