@@ -82,11 +82,11 @@ def test_scale_argument():
     assert rel_err(o1, o2) < 1e-12 and rel_err(l1, l2) < 1e-12
 
 
-@pytest.mark.parametrize("chunk_elems", [None, 64])
+@pytest.mark.parametrize("chunk_elems", [None, 2048])
 @pytest.mark.parametrize("name", ["varlen_unaligned_gqa2", "mha_dv_differs", "short_sequences"])
 def test_gradients_match_naive(name, chunk_elems, monkeypatch):
-    """Autograd through the vectorised oracle (checkpointed chunks; tiny chunks with 64) equals
-    autograd through the naive loop, for a loss that uses both o and the finite lse entries."""
+    """Autograd through the vectorised oracle (checkpointed chunks; with 2048, a few queries per
+    chunk) equals autograd through the naive loop, for a loss using o and the finite lse entries."""
     if chunk_elems is not None:
         monkeypatch.setattr(reference, "_CHUNK_ELEMS", chunk_elems)
     cu, hq, hkv, d, dv, bs, topk, gen = _case(name, seed=7)
@@ -113,7 +113,7 @@ def test_gradcheck_finite_differences():
     idx = random_topk_idx(cu, 1, 3, 4, init_blocks=1, local_blocks=1, generator=gen)
     idx[0, 0] = -1  # token 0 sees nothing: its gradient must be zero, not NaN
     fn = lambda q, k, v: slc_reference(q, k, v, idx, cu, 4)[0]  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (q, k, v))
+    assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
 
 
 def test_accepts_low_precision_inputs():
