@@ -175,7 +175,8 @@ def _check_topk_values(topk_idx: torch.Tensor, cu_seqlens: torch.Tensor, block_s
         if flag:
             h, t = (int(x) for x in torch.nonzero(bad.any(-1))[0])
             row = topk_idx[h, t].tolist()
-            _fail(ValueError, "topk_idx", rule, f"row [kv head {h}, token {t}] = {row} (sequence has {int(nblk[t])} blocks)")
+            got = f"row [kv head {h}, token {t}] = {row} (sequence has {int(nblk[t])} blocks)"
+            _fail(ValueError, "topk_idx", rule, got)
 
 
 def check_slc_inputs(

@@ -11,8 +11,8 @@ from fsagen.testing import random_cu_seqlens, random_topk_idx, rel_err
 
 
 def _qkv(n, hq, hkv, d, dv, gen, requires_grad=False):
-    mk = lambda h, e: torch.randn(n, h, e, dtype=torch.float64, generator=gen).requires_grad_(requires_grad)  # noqa: E731
-    return mk(hq, d), mk(hkv, d), mk(hkv, dv)
+    shapes = ((n, hq, d), (n, hkv, d), (n, hkv, dv))
+    return tuple(torch.randn(s, dtype=torch.float64, generator=gen).requires_grad_(requires_grad) for s in shapes)
 
 
 def _messy_topk(cu, hkv, topk, bs, gen):
