@@ -267,8 +267,9 @@ def get_kernel(spec: KernelSpec, plan: Plan | None = None, arch: str | None = No
 
     `plan` None: the schedule's choice.  `arch` None: the current GPU's (error without one).
     """
-    arch = load_schedule(arch or detect_arch()).arch
-    plan = plan or load_schedule(arch).plan(spec)
+    schedule = load_schedule(arch or detect_arch())
+    arch = schedule.arch
+    plan = plan or schedule.plan(spec)
     memo_key = (spec, plan, arch)
     kernel = _loaded.get(memo_key)
     if kernel is None:
