@@ -123,12 +123,14 @@ def _arch_arg(arch: str | None) -> str | None:
 
 
 def cmd_list(args) -> int:
-    from fsagen.cache import kernel_sources_hash
+    from fsagen.cache import ARTIFACT_FORMAT, kernel_sources_hash, tilelang_version
 
-    current = kernel_sources_hash()
+    current = {"format": ARTIFACT_FORMAT, "fsagen": __version__, "tilelang": tilelang_version(),
+               "kernel_sources": kernel_sources_hash()}
     for label, path in _artifact_dirs(_arch_arg(args.arch)):
         meta = json.loads((path / "meta.json").read_text())
-        stale = "" if meta["key"].get("kernel_sources") == current else "  (stale: kernel sources changed)"
+        changed = [name for name, value in current.items() if meta["key"].get(name) != value]
+        stale = f"  (stale: {', '.join(changed)} changed)" if changed else ""
         print(f"{label:5}  {meta['arch']}  {meta['name']}  stages={','.join(meta['stages'])}{stale}")
     return 0
 
@@ -213,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     except FsagenError as exc:
         print(f"fsagen: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

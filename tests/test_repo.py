@@ -18,3 +18,16 @@ def test_data_files_are_found_from_the_source_tree():
     assert (paths.schedules_dir() / "sm90.toml").is_file()
     assert (paths.templates_dir() / "manifest.md.j2").is_file()
     assert paths.default_grid_file().is_file()
+
+
+def test_every_python_package_is_installed():
+    """pyproject lists packages explicitly (the data folders are mapped in); a new one must be added."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {
+        ".".join(d.relative_to(REPO).parts)
+        for d in (REPO / "fsagen").rglob("*")
+        if d.is_dir() and d.name != "__pycache__" and any(d.glob("*.py"))
+    } | {"fsagen"}
+    assert on_disk <= listed, f"add to pyproject [tool.setuptools] packages: {sorted(on_disk - listed)}"
