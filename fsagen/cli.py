@@ -147,6 +147,12 @@ def cmd_show(args) -> int:
     kernel = CompiledKernel(matches[0])
     print(f"# {kernel.path}")
     print(json.dumps(kernel.meta, indent=2, sort_keys=True))
+    if args.resources:
+        from fsagen.lower import resource_usage
+
+        for stage in kernel.stages:
+            for entry, usage in resource_usage(kernel.source(stage), kernel.meta["target"]).items():
+                print(f"{stage}: {entry}: " + ", ".join(f"{n} {what}" for what, n in usage.items()))
     if not args.meta_only:
         for stage in kernel.stages:
             if args.stage in (None, stage):
@@ -197,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--arch")
     show.add_argument("--stage", help="only this stage's source")
     show.add_argument("--meta-only", action="store_true", help="metadata only, no source")
+    show.add_argument("--resources", action="store_true",
+                      help="registers, shared memory and spills per kernel (recompiles with ptxas -v: seconds)")
     show.set_defaults(func=cmd_show)
 
     clean = sub.add_parser("clean", help="remove compiled artifacts (default: the user cache)")

@@ -22,6 +22,9 @@ Findings for TileLang 0.1.15 (execution_backend="tvm_ffi"), used by fsagen.cache
 """
 from __future__ import annotations
 
+import re
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -86,3 +89,42 @@ def load_function(library: Path, entry: str):
 
     module = tvm_ffi.load_module(str(library))
     return module[entry]
+
+
+_ENTRY = re.compile(r"Compiling entry function '([^']+)'")
+_NUMBERS = re.compile(r"(\d+) (registers|bytes smem|bytes stack frame|bytes spill stores|bytes spill loads)")
+
+
+def resource_usage(cuda_source: str, target: dict) -> dict[str, dict[str, int]]:
+    """{kernel: {"registers", "bytes smem", "bytes spill stores", ...}} from ptxas --verbose.
+
+    TileLang 0.1.15 leaves `JITKernel.n_regs` empty on CUDA, so this compiles the stored source
+    again (seconds; on demand only, e.g. `fsagen show --resources`) with TileLang's include paths.
+    Stage pass configs that change nvcc flags (fast math) are not replayed.  TileLang kernels use
+    dynamic shared memory, which ptxas does not report (the launch sets its size).
+    """
+    from tilelang.contrib.cc import get_cplus_compiler
+    from tilelang.contrib.nvcc import get_nvcc_compiler
+    from tilelang.env import CUTLASS_INCLUDE_DIR, TILELANG_TEMPLATE_PATH
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "stage.cu"
+        src.write_text(cuda_source)
+        cmd = [
+            get_nvcc_compiler(), f"-ccbin={get_cplus_compiler()}", "--cubin", "-O3", "-std=c++20",
+            f"-arch={target['arch']}", "-I" + TILELANG_TEMPLATE_PATH, "-I" + CUTLASS_INCLUDE_DIR,
+            "--ptxas-options=--verbose", "-w", "-o", str(Path(tmp) / "stage.cubin"), str(src),
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"nvcc failed ({' '.join(cmd)}):\n{proc.stdout}{proc.stderr}")
+    usage: dict[str, dict[str, int]] = {}
+    current = None
+    for line in (proc.stdout + proc.stderr).splitlines():
+        entry = _ENTRY.search(line)
+        if entry:
+            current = usage.setdefault(entry.group(1), {})
+        elif current is not None:
+            for number, what in _NUMBERS.findall(line):
+                current[what] = int(number)
+    return usage
