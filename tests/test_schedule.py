@@ -27,13 +27,21 @@ def test_unknown_arch_lists_known():
         load_schedule("sm70")
 
 
-@pytest.mark.parametrize("G,order", [(1, "kv_outer"), (2, "kv_outer"), (4, "kv_outer"), (8, "kv_outer"),
-                                     (16, "q_outer")])
-def test_initial_rules(G, order):
-    for phase in ("fwd", "bwd"):
-        plan = SM90.plan(spec(G=G, phase=phase))
-        assert plan.loop_order == order
-        assert [k for k, _ in plan.knobs] == sorted(REQUIRED_KNOBS[(order, phase)])
+# The sm90 rules as measured (bench/results/slc_tune.md): forward kv_outer up to G=4 at block 64
+# and up to G=8 at block 128, q_outer above; backward kv_outer everywhere.
+@pytest.mark.parametrize("G,bs,phase,order", [
+    (1, 64, "fwd", "kv_outer"), (4, 64, "fwd", "kv_outer"), (8, 64, "fwd", "q_outer"),
+    (16, 64, "fwd", "q_outer"), (8, 128, "fwd", "kv_outer"), (16, 128, "fwd", "q_outer"),
+    (1, 64, "bwd", "kv_outer"), (16, 64, "bwd", "kv_outer"), (16, 128, "bwd", "kv_outer"),
+])
+def test_sm90_rules(G, bs, phase, order):
+    plan = SM90.plan(spec(G=G, phase=phase, block_size=bs, topk=16 if bs == 64 else 8))
+    assert plan.loop_order == order
+    assert [k for k, _ in plan.knobs] == sorted(REQUIRED_KNOBS[(order, phase)])
+
+
+def test_sm90_rule_knob_override():
+    assert SM90.plan(spec(G=1, phase="bwd", block_size=128, topk=8)).knob("bwd_threads") == 256
 
 
 def test_forced_loop_order_is_honoured():
@@ -83,8 +91,8 @@ def _schedule(tmp_path, text) -> Path:
     (("num_stages = 2\n\n[knobs.q_outer]", "num_stages = true\n\n[knobs.q_outer]"), r"knob 'num_stages' must be int"),
     (("rows = 64", "rows = 60"), r"knob 'rows'=60 must be a positive multiple of 16"),
     (("[knobs.q_outer]", "[knobs.diag]\nthreads = 1\n[knobs.q_outer]"), r"\[knobs.diag\]: unknown loop order"),
-    (('loop_order = "q_outer"', 'loop_order = "diag"'), r"\[\[rules\]\] #2: loop_order='diag'"),
-    (("when = { G = { max = 8 } }", "when = { heads = 8 }"), r"unknown KernelSpec field 'heads'"),
+    (('loop_order = "q_outer"', 'loop_order = "diag"'), r"\[\[rules\]\] #3: loop_order='diag'"),
+    (('when = { phase = "fwd" }', "when = { heads = 8 }"), r"unknown KernelSpec field 'heads'"),
     (("[target]", "[targets]\n[target]"), r"unknown table"),
 ])
 def test_schedule_file_errors_name_file_and_knob(tmp_path, edit, pattern):
@@ -105,9 +113,9 @@ def test_missing_knob_is_an_error_naming_it(tmp_path):
 
 
 def test_rule_knob_overrides(tmp_path):
-    text = BASE.replace('when = { G = { max = 8 } }\nloop_order = "kv_outer"',
-                        'when = { G = { max = 8 }, D = 64 }\nloop_order = "kv_outer"\nknobs = { rows = 128 }\n\n'
-                        '[[rules]]\nwhen = { G = { max = 8 } }\nloop_order = "kv_outer"', 1)
+    text = BASE.replace('[[rules]]',
+                        '[[rules]]\nwhen = { G = { max = 8 }, D = 64 }\nloop_order = "kv_outer"\nknobs = { rows = 128 }\n\n'
+                        '[[rules]]\nwhen = { G = { max = 8 } }\nloop_order = "kv_outer"\n\n[[rules]]', 1)
     schedule = Schedule.from_file(_schedule(tmp_path, text))
     assert schedule.plan(spec(D=64)).knob("rows") == 128
     assert schedule.plan(spec(D=128)).knob("rows") == 64
