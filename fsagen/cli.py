@@ -27,11 +27,12 @@ def _build_one(spec_dict: dict, plan_dict: dict, arch: str, out: str) -> tuple[f
     from fsagen.schedule import Plan
     from fsagen.spec import KernelSpec
 
-    import tilelang
-
-    tilelang.set_log_level("WARNING")  # its per-kernel INFO lines would drown the progress lines
     start = time.perf_counter()
     try:
+        import tilelang
+
+        tilelang.set_log_level("WARNING")  # its per-kernel INFO lines would drown the progress lines
+        start = time.perf_counter()  # the per-kernel time leaves out the worker's one-off import
         ensure_artifact(KernelSpec(**spec_dict), Plan.from_dict(plan_dict), arch, root=Path(out))
         return time.perf_counter() - start, None
     except Exception:  # reported by the parent; one failed kernel must not stop the others
