@@ -29,7 +29,8 @@ import math
 
 import tilelang.language as T
 
-from .tiles import ACCUM, LOG2E, make_load_kv_rows, make_mask_scores, make_probs_from_lse
+from .tiles import (ACCUM, LOG2E, make_gather_row_stat, make_gather_rows, make_item_rows,
+                    make_load_kv_rows, make_mask_scores, make_probs_from_lse)
 
 LN2 = math.log(2.0)
 INDEX = "int32"
@@ -44,6 +45,8 @@ def kv_fwd_stats(G: int, D: int, BS: int, dtype: str, rows: int, threads: int):
     N, HQ, HKV, NE, NI, HC, TOPK = T.dynamic("N, HQ, HKV, NE, NI, HC, TOPK")
     load_kv = make_load_kv_rows(BS, D)
     mask = make_mask_scores(R, BS)
+    item_rows = make_item_rows(R, G)
+    gather_q = make_gather_rows(R, D, G)
 
     @T.prim_func
     def main(
@@ -72,14 +75,9 @@ def kv_fwd_stats(G: int, D: int, BS: int, dtype: str, rows: int, threads: int):
             if e1 > e0:
                 load_kv(K, h, kb, N, K_s)
                 for tile in T.serial(T.ceildiv(e1 - e0, Q_PER_TILE)):
-                    for r in T.Parallel(R):
-                        e = e0 + tile * Q_PER_TILE + r // G
-                        row_tok[r] = T.if_then_else(e < e1, ent_q[e], -1)
-                        row_slot[r] = T.if_then_else(e < e1, ent_k[e], 0)
-                    for r, d in T.Parallel(R, D):
-                        Q_s[r, d] = T.if_then_else(
-                            row_tok[r] >= 0, Q[row_tok[r], h * G + r % G, d], 0
-                        )
+                    item_rows(ent_q, e0, e1, tile, row_tok)
+                    item_rows(ent_k, e0, e1, tile, row_slot)
+                    gather_q(Q, h, row_tok, Q_s)
                     T.clear(acc_s)
                     T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
                     mask(acc_s, row_tok, kb, sm_scale * LOG2E)
@@ -100,6 +98,10 @@ def kv_fwd_accum(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, thread
     load_k = make_load_kv_rows(BS, D)
     load_v = make_load_kv_rows(BS, DV)
     probs = make_probs_from_lse(R, BS)
+    item_rows = make_item_rows(R, G)
+    gather_q = make_gather_rows(R, D, G)
+    gather_do = make_gather_rows(R, DV, G)
+    gather_stat = make_gather_row_stat(R, G)
 
     @T.prim_func
     def main(
@@ -131,17 +133,9 @@ def kv_fwd_accum(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, thread
                 load_k(K, h, kb, N, K_s)
                 load_v(V, h, kb, N, V_s)
                 for tile in T.serial(T.ceildiv(e1 - e0, Q_PER_TILE)):
-                    for r in T.Parallel(R):
-                        e = e0 + tile * Q_PER_TILE + r // G
-                        row_tok[r] = T.if_then_else(e < e1, ent_q[e], -1)
-                    for r in T.Parallel(R):
-                        row_lse2[r] = T.if_then_else(
-                            row_tok[r] >= 0, lse2[row_tok[r], h * G + r % G], 0
-                        )
-                    for r, d in T.Parallel(R, D):
-                        Q_s[r, d] = T.if_then_else(
-                            row_tok[r] >= 0, Q[row_tok[r], h * G + r % G, d], 0
-                        )
+                    item_rows(ent_q, e0, e1, tile, row_tok)
+                    gather_stat(lse2, h, row_tok, row_lse2)
+                    gather_q(Q, h, row_tok, Q_s)
                     T.clear(acc_s)
                     T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
                     probs(acc_s, row_tok, row_lse2, kb, sm_scale * LOG2E)
@@ -162,6 +156,10 @@ def kv_bwd(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, threads: int
     load_k = make_load_kv_rows(BS, D)
     load_v = make_load_kv_rows(BS, DV)
     probs = make_probs_from_lse(R, BS)
+    item_rows = make_item_rows(R, G)
+    gather_q = make_gather_rows(R, D, G)
+    gather_do = make_gather_rows(R, DV, G)
+    gather_stat = make_gather_row_stat(R, G)
 
     @T.prim_func
     def main(
@@ -205,24 +203,11 @@ def kv_bwd(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, threads: int
                 T.clear(acc_dk)
                 T.clear(acc_dv)
                 for tile in T.serial(T.ceildiv(e1 - e0, Q_PER_TILE)):
-                    for r in T.Parallel(R):
-                        e = e0 + tile * Q_PER_TILE + r // G
-                        row_tok[r] = T.if_then_else(e < e1, ent_q[e], -1)
-                    for r in T.Parallel(R):
-                        row_lse2[r] = T.if_then_else(
-                            row_tok[r] >= 0, lse2[row_tok[r], h * G + r % G], 0
-                        )
-                        row_delta[r] = T.if_then_else(
-                            row_tok[r] >= 0, delta[row_tok[r], h * G + r % G], 0
-                        )
-                    for r, d in T.Parallel(R, D):
-                        Q_s[r, d] = T.if_then_else(
-                            row_tok[r] >= 0, Q[row_tok[r], h * G + r % G, d], 0
-                        )
-                    for r, d in T.Parallel(R, DV):
-                        dO_s[r, d] = T.if_then_else(
-                            row_tok[r] >= 0, dO[row_tok[r], h * G + r % G, d], 0
-                        )
+                    item_rows(ent_q, e0, e1, tile, row_tok)
+                    gather_stat(lse2, h, row_tok, row_lse2)
+                    gather_stat(delta, h, row_tok, row_delta)
+                    gather_q(Q, h, row_tok, Q_s)
+                    gather_do(dO, h, row_tok, dO_s)
                     T.clear(acc_s)
                     T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
                     probs(acc_s, row_tok, row_lse2, kb, sm_scale * LOG2E)
@@ -259,6 +244,7 @@ def q_fwd(G: int, D: int, DV: int, BS: int, dtype: str, threads: int, num_stages
     load_k = make_load_kv_rows(BS, D, bulk_copy)
     load_v = make_load_kv_rows(BS, DV, bulk_copy)
     mask = make_mask_scores(R, BS)
+    gather_q = make_gather_rows(R, D, G)
 
     @T.prim_func
     def main(
@@ -288,8 +274,7 @@ def q_fwd(G: int, D: int, DV: int, BS: int, dtype: str, threads: int, num_stages
             start = tok_start[t]
             for r in T.Parallel(R):
                 row_tok[r] = T.if_then_else(r < G, t, -1)
-            for r, d in T.Parallel(R, D):
-                Q_s[r, d] = T.if_then_else(r < G, Q[t, h * G + r, d], 0)
+            gather_q(Q, h, row_tok, Q_s)
             T.clear(acc_o)
             T.clear(l)
             T.fill(m, -T.infinity(ACCUM))
@@ -333,6 +318,9 @@ def q_bwd_dq(G: int, D: int, DV: int, BS: int, dtype: str, threads: int, num_sta
     load_k = make_load_kv_rows(BS, D, bulk_copy)
     load_v = make_load_kv_rows(BS, DV, bulk_copy)
     probs = make_probs_from_lse(R, BS)
+    gather_q = make_gather_rows(R, D, G)
+    gather_do = make_gather_rows(R, DV, G)
+    gather_stat = make_gather_row_stat(R, G)
 
     @T.prim_func
     def main(
@@ -363,12 +351,10 @@ def q_bwd_dq(G: int, D: int, DV: int, BS: int, dtype: str, threads: int, num_sta
             start = tok_start[t]
             for r in T.Parallel(R):
                 row_tok[r] = T.if_then_else(r < G, t, -1)
-                row_lse2[r] = T.if_then_else(r < G, lse2[t, h * G + r], 0)
-                row_delta[r] = T.if_then_else(r < G, delta[t, h * G + r], 0)
-            for r, d in T.Parallel(R, D):
-                Q_s[r, d] = T.if_then_else(r < G, Q[t, h * G + r, d], 0)
-            for r, d in T.Parallel(R, DV):
-                dO_s[r, d] = T.if_then_else(r < G, dO[t, h * G + r, d], 0)
+            gather_stat(lse2, h, row_tok, row_lse2)
+            gather_stat(delta, h, row_tok, row_delta)
+            gather_q(Q, h, row_tok, Q_s)
+            gather_do(dO, h, row_tok, dO_s)
             T.clear(acc_dq)
             for i in T.Pipelined(TOPK, num_stages=num_stages):
                 kb = start + topk_idx[h, t, i] * BS

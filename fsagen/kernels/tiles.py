@@ -71,3 +71,45 @@ def make_probs_from_lse(rows: int, cols: int):
             )
 
     return probs_from_lse
+
+
+def make_gather_rows(rows: int, dim: int, group: int):
+    """Gather a (query, head) row tile: row r reads token ``row_tok[r]``, query head
+    ``kv_head * group + r % group``; dead rows (``row_tok[r] < 0``) are zero.
+
+    Serves both orders: KV-outer tiles hold ``rows // group`` queries x ``group`` heads, query-outer
+    tiles hold one token's ``group`` heads padded with dead rows.
+    """
+
+    @T.macro
+    def gather_rows(src, kv_head, row_tok, dst):
+        for r, d in T.Parallel(rows, dim):
+            dst[r, d] = T.if_then_else(
+                row_tok[r] >= 0, src[row_tok[r], kv_head * group + r % group, d], 0
+            )
+
+    return gather_rows
+
+
+def make_gather_row_stat(rows: int, group: int):
+    """Per-row statistic (lse2, delta) of a row tile, laid out like ``make_gather_rows``."""
+
+    @T.macro
+    def gather_row_stat(src, kv_head, row_tok, dst):
+        for r in T.Parallel(rows):
+            dst[r] = T.if_then_else(row_tok[r] >= 0, src[row_tok[r], kv_head * group + r % group], 0)
+
+    return gather_row_stat
+
+
+def make_item_rows(rows: int, group: int):
+    """Token of each row of tile ``tile`` of a work item's entry range [e0, e1); -1 past the end."""
+    per_tile = rows // group
+
+    @T.macro
+    def item_rows(ent_q, e0, e1, tile, row_tok):
+        for r in T.Parallel(rows):
+            e = e0 + tile * per_tile + r // group
+            row_tok[r] = T.if_then_else(e < e1, ent_q[e], -1)
+
+    return item_rows
