@@ -26,6 +26,7 @@ KNOBS: dict[str, tuple[type, object, str]] = {
     "q_threads": (int, *_THREADS),
     "num_stages": (int, lambda v: v >= 0, ">= 0"),
     "bulk_copy": (bool, lambda v: True, "true or false"),
+    "scatter": (str, lambda v: v in ("x2", "x4", "tma"), 'one of "x2", "x4", "tma"'),
 }
 
 

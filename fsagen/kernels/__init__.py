@@ -7,8 +7,8 @@ to know which stages a plan has. Each call builds fresh PrimFuncs: a compile may
 # Knobs each (loop order, phase) reads from its plan. The schedule layer validates plans against
 # this table, so a schedule file with a missing knob fails with the knob's name, not deep in here.
 REQUIRED_KNOBS = {
-    ("kv_outer", "fwd"): ("rows", "tiles_per_item", "threads"),
-    ("kv_outer", "bwd"): ("rows", "tiles_per_item", "bwd_threads"),
+    ("kv_outer", "fwd"): ("rows", "tiles_per_item", "threads", "scatter"),
+    ("kv_outer", "bwd"): ("rows", "tiles_per_item", "bwd_threads", "scatter"),
     ("q_outer", "fwd"): ("q_threads", "num_stages", "bulk_copy"),
     ("q_outer", "bwd"): ("q_threads", "num_stages", "bulk_copy", "rows", "tiles_per_item", "bwd_threads"),
 }
@@ -38,9 +38,12 @@ def build_programs(spec, plan) -> dict:
     knob = plan.knob
     builders = {
         "kv_fwd_stats": lambda: slc.kv_fwd_stats(G, D, BS, dtype, knob("rows"), knob("threads")),
-        "kv_fwd_accum": lambda: slc.kv_fwd_accum(G, D, DV, BS, dtype, knob("rows"), knob("threads")),
-        "kv_bwd": lambda: slc.kv_bwd(G, D, DV, BS, dtype, knob("rows"), knob("bwd_threads"), True),
-        "kv_bwd_dkdv": lambda: slc.kv_bwd(G, D, DV, BS, dtype, knob("rows"), knob("bwd_threads"), False),
+        "kv_fwd_accum": lambda: slc.kv_fwd_accum(G, D, DV, BS, dtype, knob("rows"), knob("threads"),
+                                                 knob("scatter")),
+        "kv_bwd": lambda: slc.kv_bwd(G, D, DV, BS, dtype, knob("rows"), knob("bwd_threads"), True,
+                                     knob("scatter")),
+        "kv_bwd_dkdv": lambda: slc.kv_bwd(G, D, DV, BS, dtype, knob("rows"), knob("bwd_threads"),
+                                          False, "x2"),
         "q_fwd": lambda: slc.q_fwd(G, D, DV, BS, dtype, knob("q_threads"), knob("num_stages"),
                                    knob("bulk_copy")),
         "q_bwd_dq": lambda: slc.q_bwd_dq(G, D, DV, BS, dtype, knob("q_threads"), knob("num_stages"),

@@ -30,7 +30,8 @@ import math
 import tilelang.language as T
 
 from .tiles import (ACCUM, LOG2E, make_gather_row_stat, make_gather_rows, make_item_rows,
-                    make_load_kv_rows, make_mask_scores, make_probs_from_lse)
+                    make_load_kv_rows, make_mask_scores, make_probs_from_lse,
+                    make_scatter_add_rows)
 
 LN2 = math.log(2.0)
 INDEX = "int32"
@@ -92,7 +93,8 @@ def kv_fwd_stats(G: int, D: int, BS: int, dtype: str, rows: int, threads: int):
     return main
 
 
-def kv_fwd_accum(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, threads: int):
+def kv_fwd_accum(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, threads: int,
+                 scatter: str):
     R, Q_PER_TILE = rows, rows // G
     N, HQ, HKV, NE, NI, HCG = T.dynamic("N, HQ, HKV, NE, NI, HCG")
     load_k = make_load_kv_rows(BS, D)
@@ -100,8 +102,9 @@ def kv_fwd_accum(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, thread
     probs = make_probs_from_lse(R, BS)
     item_rows = make_item_rows(R, G)
     gather_q = make_gather_rows(R, D, G)
-    gather_do = make_gather_rows(R, DV, G)
     gather_stat = make_gather_row_stat(R, G)
+    scatter_o, o_stage_shape = make_scatter_add_rows(R, DV, G, scatter)
+    o_stage_shape = o_stage_shape or (1,)
 
     @T.prim_func
     def main(
@@ -124,6 +127,7 @@ def kv_fwd_accum(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, thread
             acc_s = T.alloc_fragment((R, BS), ACCUM)
             p_cast = T.alloc_fragment((R, BS), dtype)
             acc_o = T.alloc_fragment((R, DV), ACCUM)
+            o_stage = T.alloc_shared(o_stage_shape, ACCUM)
 
             h = items[bx, 0]
             kb = items[bx, 1]
@@ -142,15 +146,13 @@ def kv_fwd_accum(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, thread
                     T.copy(acc_s, p_cast)
                     T.clear(acc_o)
                     T.gemm(p_cast, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
-                    for r, d in T.Parallel(R, DV):
-                        if row_tok[r] >= 0:
-                            T.atomic_add(o_acc[row_tok[r], (h - h_lo) * G + r % G, d], acc_o[r, d])
+                    scatter_o(acc_o, o_acc, (h - h_lo) * G, row_tok, o_stage)
 
     return main
 
 
 def kv_bwd(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, threads: int,
-           with_dq: bool):
+           with_dq: bool, scatter: str):
     R, Q_PER_TILE = rows, rows // G
     N, HQ, HKV, NE, NI, HCG, NDQ = T.dynamic("N, HQ, HKV, NE, NI, HCG, NDQ")
     load_k = make_load_kv_rows(BS, D)
@@ -160,6 +162,8 @@ def kv_bwd(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, threads: int
     gather_q = make_gather_rows(R, D, G)
     gather_do = make_gather_rows(R, DV, G)
     gather_stat = make_gather_row_stat(R, G)
+    scatter_dq, dq_stage_shape = make_scatter_add_rows(R, D, G, scatter)
+    dq_stage_shape = dq_stage_shape if with_dq and dq_stage_shape else (1,)
 
     @T.prim_func
     def main(
@@ -192,6 +196,7 @@ def kv_bwd(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, threads: int
             acc_dk = T.alloc_fragment((BS, D), ACCUM)
             acc_dv = T.alloc_fragment((BS, DV), ACCUM)
             acc_dq = T.alloc_fragment((R, D), ACCUM)
+            dq_stage = T.alloc_shared(dq_stage_shape, ACCUM)
 
             h = items[bx, 0]
             kb = items[bx, 1]
@@ -222,11 +227,7 @@ def kv_bwd(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, threads: int
                     if with_dq:
                         T.clear(acc_dq)
                         T.gemm(dS_s, K_s, acc_dq, policy=T.GemmWarpPolicy.FullRow)
-                        for r, d in T.Parallel(R, D):
-                            if row_tok[r] >= 0:
-                                T.atomic_add(
-                                    dq_acc[row_tok[r], (h - h_lo) * G + r % G, d], acc_dq[r, d]
-                                )
+                        scatter_dq(acc_dq, dq_acc, (h - h_lo) * G, row_tok, dq_stage)
                 for i, d in T.Parallel(BS, D):
                     if kb + i < N:
                         T.atomic_add(dk_acc[kb + i, h, d], acc_dk[i, d])
@@ -347,6 +348,7 @@ def q_bwd_dq(G: int, D: int, DV: int, BS: int, dtype: str, threads: int, num_sta
             acc_s = T.alloc_fragment((R, BS), ACCUM)
             acc_dp = T.alloc_fragment((R, BS), ACCUM)
             acc_dq = T.alloc_fragment((R, D), ACCUM)
+            dq_stage = T.alloc_shared(dq_stage_shape, ACCUM)
 
             start = tok_start[t]
             for r in T.Parallel(R):

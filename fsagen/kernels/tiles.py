@@ -113,3 +113,52 @@ def make_item_rows(rows: int, group: int):
             row_tok[r] = T.if_then_else(e < e1, ent_q[e], -1)
 
     return item_rows
+
+
+SCATTER_MODES = ("x2", "x4", "tma")
+
+
+def make_scatter_add_rows(rows: int, dim: int, group: int, mode: str):
+    """Add a float32 (query, head) row tile into ``dst[row_tok[r], head0 + r % group, :]``.
+
+    Returns ``(macro, staging_shape)``; the caller allocates a float32 shared buffer of
+    ``staging_shape`` (None: no staging) and passes it as ``stage``. Modes:
+
+    * ``x2``: atomics straight from the accumulator fragment (its layout gives each thread pairs).
+    * ``x4``: through shared memory, so each thread issues 16-byte vector atomics.
+    * ``tma``: through shared memory, one TMA bulk reduce-add per query (its ``group`` heads are
+      contiguous in ``dst``), issued by one thread.
+    """
+    per_tile = rows // group
+    if mode == "x2":
+
+        @T.macro
+        def scatter_add(acc, dst, head0, row_tok, stage):
+            for r, d in T.Parallel(rows, dim):
+                if row_tok[r] >= 0:
+                    T.atomic_add(dst[row_tok[r], head0 + r % group, d], acc[r, d])
+
+        return scatter_add, None
+    if mode == "x4":
+
+        @T.macro
+        def scatter_add(acc, dst, head0, row_tok, stage):
+            T.copy(acc, stage)
+            for r, d in T.Parallel(rows, dim):
+                if row_tok[r] >= 0:
+                    T.atomic_add(dst[row_tok[r], head0 + r % group, d], stage[r, d])
+
+        return scatter_add, (rows, dim)
+    if mode == "tma":
+
+        @T.macro
+        def scatter_add(acc, dst, head0, row_tok, stage):
+            for r, d in T.Parallel(rows, dim):
+                stage[r // group, r % group, d] = acc[r, d]
+            for qi in T.serial(per_tile):
+                if row_tok[qi * group] >= 0:
+                    T.atomic_add(dst[row_tok[qi * group], head0:head0 + group, :], stage[qi, :, :],
+                                 annotations={"use_tma": 1})
+
+        return scatter_add, (per_tile, group, dim)
+    raise ValueError(f"scatter mode {mode!r}: must be one of {SCATTER_MODES}")
