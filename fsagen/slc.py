@@ -44,15 +44,6 @@ def _head_chunks(num_tokens, num_kv_heads, G, dim, topk):
     return [(lo, min(num_kv_heads, lo + step)) for lo in range(0, num_kv_heads, step)]
 
 
-def _row_dot(a, b, chunk_bytes=64 << 20):
-    """sum(a * b, -1) in float32, over token chunks so the float32 temporaries stay small."""
-    out = torch.empty(a.shape[:2], dtype=torch.float32, device=a.device)
-    rows = max(1, chunk_bytes // (a.shape[1] * a.shape[2] * 4 * 2))
-    for lo in range(0, a.shape[0], rows):
-        out[lo:lo + rows] = (a[lo:lo + rows].float() * b[lo:lo + rows].float()).sum(-1)
-    return out
-
-
 def plan_for(q, k, topk_idx, block_size, phase, loop_order=None):
     """The plan the schedule picks for these inputs (used by benchmarks and tests to report it)."""
     return _kernel(q, k, k, topk_idx, block_size, phase, loop_order)[1]
@@ -79,7 +70,7 @@ def slc_forward(q, k, v, topk_idx, cu_seqlens, block_size, scale, loop_order=Non
         index = build_block_index(topk_idx[h_lo:h_hi], layout, block_size, h_lo, per_item)
         part = torch.full((h_hi - h_lo, N, topk, G), -math.inf, dtype=torch.float32, device=q.device)
         kern["kv_fwd_stats"](q, k, index.items, index.ent_q, index.ent_k, part, h_lo, float(scale))
-        lse_c = torch.logsumexp(part.mul_(LN2), dim=2)  # [hc, N, G], natural log
+        lse_c = torch.logsumexp(part, dim=2)  # [hc, N, G], natural log
         lse[:, heads] = lse_c.permute(1, 0, 2).reshape(N, -1)
         lse2[:, heads] = lse[:, heads] / LN2
         del part, lse_c
@@ -98,7 +89,8 @@ def slc_backward(do, q, k, v, o, lse, topk_idx, cu_seqlens, block_size, scale, l
     if N == 0:
         return dq, _alloc(k.shape, k.dtype, k.device), _alloc(v.shape, v.dtype, v.device)
     layout = token_layout(cu_seqlens, N, block_size)
-    delta = _row_dot(do, o)
+    delta = torch.empty((N, Hq), dtype=torch.float32, device=q.device)
+    kern["row_dot"](do, o, delta)
     lse2 = lse / LN2
     dk_acc = torch.zeros((N, Hkv, D), dtype=torch.float32, device=q.device)
     dv_acc = torch.zeros((N, Hkv, Dv), dtype=torch.float32, device=q.device)

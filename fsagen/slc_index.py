@@ -77,12 +77,13 @@ def build_block_index(topk_idx: torch.Tensor, layout: TokenLayout, block_size: i
     valid = valid_selection(topk_idx, layout, block_size)
     head = torch.arange(hc, device=dev, dtype=torch.int64)[:, None, None]
     gblk = layout.tok_block_base[None, :, None] + topk_idx.to(torch.int64)
-    key = torch.where(valid, head * nb + gblk, n_keys).flatten()
+    # int32 keys: the radix sort does half the passes of int64 (hc * nb + 1 < 2**31 always here)
+    key = torch.where(valid, head * nb + gblk, n_keys).flatten().to(torch.int32)
     sorted_key, perm = torch.sort(key, stable=True)
     ent_q = ((perm // topk) % n).to(torch.int32)
     ent_k = (perm % topk).to(torch.int32)
 
-    bounds = torch.searchsorted(sorted_key, torch.arange(n_keys + 1, device=dev, dtype=torch.int64))
+    bounds = torch.searchsorted(sorted_key, torch.arange(n_keys + 1, device=dev, dtype=torch.int32))
     count = bounds[1:] - bounds[:-1]
     items_per_key = (count + entries_per_item - 1) // entries_per_item
     items_end = torch.cumsum(items_per_key, 0)

@@ -20,9 +20,9 @@ def stage_names(loop_order: str, phase: str) -> tuple:
     """Stages a plan compiles to, in launch order."""
     return {
         ("kv_outer", "fwd"): ("kv_fwd_stats", "kv_fwd_accum"),
-        ("kv_outer", "bwd"): ("kv_bwd",),
+        ("kv_outer", "bwd"): ("row_dot", "kv_bwd"),
         ("q_outer", "fwd"): ("q_fwd",),
-        ("q_outer", "bwd"): ("q_bwd_dq", "kv_bwd_dkdv"),
+        ("q_outer", "bwd"): ("row_dot", "q_bwd_dq", "kv_bwd_dkdv"),
     }[(loop_order, phase)]
 
 
@@ -44,6 +44,7 @@ def build_programs(spec, plan) -> dict:
                                      knob("scatter")),
         "kv_bwd_dkdv": lambda: slc.kv_bwd(G, D, DV, BS, dtype, knob("rows"), knob("bwd_threads"),
                                           False, "x2"),
+        "row_dot": lambda: slc.row_dot(DV, dtype, 128),
         "q_fwd": lambda: slc.q_fwd(G, D, DV, BS, dtype, knob("q_threads"), knob("num_stages"),
                                    knob("bulk_copy")),
         "q_bwd_dq": lambda: slc.q_bwd_dq(G, D, DV, BS, dtype, knob("q_threads"), knob("num_stages"),

@@ -6,8 +6,8 @@ KV-block outer (FSA order), three programs over a *work-item table* built on the
 item and the selecting queries are gathered, all G heads of the group together, into tiles of
 ``rows`` (query, head) rows.
 
-* ``kv_fwd_stats``: per (query, block) entry and head, the log2-sum-exp of that block's visible
-  scores, written to ``part_lse[h, t, slot, g]``. The glue reduces it over the slots to the exact
+* ``kv_fwd_stats``: per (query, block) entry and head, the log-sum-exp (natural log) of that
+  block's visible scores, written to ``part_lse[h, t, slot, g]``. The glue reduces it over the slots to the exact
   per-query ``lse2`` (no shared shift: true statistics).
 * ``kv_fwd_accum``: recomputes the scores, forms the exact probabilities ``exp2(s2 - lse2)`` and
   atomically adds ``P @ V`` into a float32 accumulator. Two exact passes cost 1.5x the matmul
@@ -20,6 +20,9 @@ Query outer (NSA order), one CTA per (token, kv head), the G heads of the group 
 
 * ``q_fwd``: online softmax over the token's selected blocks; writes o and lse (natural log).
 * ``q_bwd_dq``: dQ by recomputing P from lse.
+
+``row_dot`` computes the backward's ``delta = rowsum(dO * O)`` in float32 without float32 copies
+of dO and O.
 
 Argument order of every program is the order of its parameters below; the glue in
 ``fsagen/slc.py`` is the only caller.
@@ -88,7 +91,9 @@ def kv_fwd_stats(G: int, D: int, BS: int, dtype: str, rows: int, threads: int):
                     T.reduce_sum(acc_s, l, dim=1)
                     for r in T.Parallel(R):
                         if row_tok[r] >= 0:
-                            part_lse[h - h_lo, row_tok[r], row_slot[r], r % G] = m[r] + T.log2(l[r])
+                            part_lse[h - h_lo, row_tok[r], row_slot[r], r % G] = (
+                                (m[r] + T.log2(l[r])) * LN2
+                            )
 
     return main
 
@@ -348,7 +353,6 @@ def q_bwd_dq(G: int, D: int, DV: int, BS: int, dtype: str, threads: int, num_sta
             acc_s = T.alloc_fragment((R, BS), ACCUM)
             acc_dp = T.alloc_fragment((R, BS), ACCUM)
             acc_dq = T.alloc_fragment((R, D), ACCUM)
-            dq_stage = T.alloc_shared(dq_stage_shape, ACCUM)
 
             start = tok_start[t]
             for r in T.Parallel(R):
@@ -375,5 +379,34 @@ def q_bwd_dq(G: int, D: int, DV: int, BS: int, dtype: str, threads: int, num_sta
             for r, d in T.Parallel(R, D):
                 if r < G:
                     dQ[t, h * G + r, d] = acc_dq[r, d]
+
+    return main
+
+
+def row_dot(DV: int, dtype: str, threads: int):
+    """delta[t, h] = sum_d dO[t, h, d] * O[t, h, d] in float32, 64 (token, head) rows per CTA."""
+    ROWS = 64
+    N, HQ = T.dynamic("N, HQ")
+
+    @T.prim_func
+    def main(
+        dO: T.Tensor((N, HQ, DV), dtype),
+        O: T.Tensor((N, HQ, DV), dtype),
+        delta: T.Tensor((N, HQ), ACCUM),
+    ):
+        with T.Kernel(T.ceildiv(N * HQ, ROWS), threads=threads) as bx:
+            prod = T.alloc_fragment((ROWS, DV), ACCUM)
+            acc = T.alloc_fragment((ROWS,), ACCUM)
+            for r, d in T.Parallel(ROWS, DV):
+                row = bx * ROWS + r
+                prod[r, d] = T.if_then_else(
+                    row < N * HQ,
+                    T.cast(dO[row // HQ, row % HQ, d], ACCUM) * T.cast(O[row // HQ, row % HQ, d], ACCUM),
+                    0,
+                )
+            T.reduce_sum(prod, acc, dim=1)
+            for r in T.Parallel(ROWS):
+                if bx * ROWS + r < N * HQ:
+                    delta[(bx * ROWS + r) // HQ, (bx * ROWS + r) % HQ] = acc[r]
 
     return main
