@@ -19,7 +19,7 @@ from fsagen.testing import random_cu_seqlens, random_topk_idx, rel_err
 pytestmark = pytest.mark.gpu
 
 LOOP_ORDERS = ["kv_outer", "q_outer"]
-TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2}
+TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}  # fp16 carries 3 more mantissa bits
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 FIELDS = ("o", "lse", "dq", "dk", "dv")
 
@@ -45,7 +45,8 @@ def _record(case: str, errs: dict) -> None:
     with open(path, "a") as f:
         if new:
             f.write("| case | " + " | ".join(FIELDS) + " |\n|---|" + "---|" * len(FIELDS) + "\n")
-        f.write(f"| {case} | " + " | ".join(f"{errs.get(k, float('nan')):.3e}" for k in FIELDS) + " |\n")
+        cells = (f"{errs[k]:.3e}" if k in errs else "not measured" for k in FIELDS)
+        f.write(f"| {case} | " + " | ".join(cells) + " |\n")
 
 
 @pytest.fixture(autouse=True)
