@@ -43,6 +43,10 @@ PUBLISHED = {
     (1, 128, 8): dict(fsa_fwd=8.2, fsa_bwd=14.0, nsa_fwd=28.9, nsa_bwd=37.1, cudnn_fwd=7.5),
     (4, 128, 8): dict(fsa_fwd=15.5, fsa_bwd=24.2, nsa_fwd=29.0, nsa_bwd=38.1, cudnn_fwd=30.4),
 }
+# Measured ceilings of the H100 of this workplace (../shared/gpu/README.md, the brief): torch bf16
+# matmul and a large device-to-device copy. Used for the "% of ceiling" columns.
+MATMUL_TFLOPS = 680.0
+COPY_TBPS = 3.0
 FSAGEN_ORDERS = ("kv_outer", "q_outer", "auto")
 SDPA_BACKENDS = ("flash", "cudnn")
 
@@ -109,6 +113,21 @@ def slc_flops(n, hq, topk, bs, d):
 
 def dense_causal_flops(n, hq, d):
     return 2.0 * n * n * hq * d
+
+
+def min_bytes(contender, phase, n, hq, hkv, d, topk, elem=2):
+    """Fewest bytes a kernel must move: every input read once, every output written once.
+
+    Forward reads q, k, v (+ topk_idx for slc) and writes o and lse; backward reads q, k, v, o,
+    do, lse (+ topk_idx) and writes dq, dk, dv.
+    """
+    q = n * hq * d * elem
+    kv = 2 * n * hkv * d * elem
+    lse = n * hq * 4
+    idx = hkv * n * topk * 4 if contender.startswith("fsagen") else 0
+    if phase == "fwd":
+        return q + kv + idx + q + lse
+    return 3 * q + kv + lse + idx + q + kv
 
 
 def _short(exc: BaseException) -> str:
@@ -229,20 +248,26 @@ def bench_dense(rows, timeit, q, k, v, meta):
 
 
 # ---------------------------------------------------------------------------------------- outputs
-CSV_FIELDS = ["G", "Hq", "block_size", "topk", "contender", "phase", "ms", "tflops", "extra_mem_mib",
+CSV_FIELDS = ["G", "Hq", "block_size", "topk", "contender", "phase", "ms", "tflops", "pct_matmul",
+              "min_bytes_tbps", "pct_copy", "extra_mem_mib",
               "pub_fsa_ms", "pub_nsa_ms", "pub_cudnn_fwd_ms", "speedup_vs_pub_fsa", "speedup_vs_pub_nsa",
               "speedup_vs_pub_cudnn", "speedup_vs_sdpa_cudnn", "note", "error"]
 
 
-def _table(rows) -> list[dict]:
+def _table(rows, shape) -> list[dict]:
     """CSV/markdown records with the ratio columns (reference time / this row's time).
+
+    ``shape`` = (N, Hkv, D) for the floor columns: TFLOP/s as a share of the measured matmul
+    ceiling, and the minimum bytes (``min_bytes``) over the time against the copy ceiling.
 
     fsagen rows get the published FSA/NSA figures of their phase and the ratio to the cuDNN SDPA
     measured in this run; dense rows get the published cuDNN forward figure.
     """
     measured_cudnn = {(r.G, r.block_size, r.phase): r.ms for r in rows if r.contender.startswith("sdpa cudnn")}
+    n, hkv, d = shape
     out = []
     for r in rows:
+        tbps = min_bytes(r.contender, r.phase, n, r.Hq, hkv, d, r.topk) / r.ms / 1e9
         ph, nan = r.phase, math.nan
         ours = r.contender.startswith("fsagen")
         fsa = r.pub(f"fsa_{ph}") if ours else nan
@@ -250,7 +275,9 @@ def _table(rows) -> list[dict]:
         cud = r.pub("cudnn_fwd") if ph == "fwd" else nan
         sdpa = measured_cudnn.get((r.G, r.block_size, ph), nan) if ours else nan
         out.append(dict(G=r.G, Hq=r.Hq, block_size=r.block_size, topk=r.topk, contender=r.contender, phase=ph,
-                        ms=r.ms, tflops=r.tflops, extra_mem_mib=r.extra_mem_mib, pub_fsa_ms=fsa, pub_nsa_ms=nsa,
+                        ms=r.ms, tflops=r.tflops, pct_matmul=100 * r.tflops / MATMUL_TFLOPS,
+                        min_bytes_tbps=tbps, pct_copy=100 * tbps / COPY_TBPS,
+                        extra_mem_mib=r.extra_mem_mib, pub_fsa_ms=fsa, pub_nsa_ms=nsa,
                         pub_cudnn_fwd_ms=cud, speedup_vs_pub_fsa=fsa / r.ms, speedup_vs_pub_nsa=nsa / r.ms,
                         speedup_vs_pub_cudnn=cud / r.ms, speedup_vs_sdpa_cudnn=sdpa / r.ms,
                         note=r.note, error=r.error))
@@ -263,28 +290,32 @@ def _fmt(x, digits=2) -> str:
     return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def write_csv(path: Path, rows) -> None:
+def write_csv(path: Path, rows, shape) -> None:
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         w.writeheader()
-        for rec in _table(rows):
+        for rec in _table(rows, shape):
             w.writerow({k: (_fmt(v, 4) if isinstance(v, float) else v) for k, v in rec.items()})
 
 
-def write_markdown(path: Path, rows, header: dict) -> None:
+def write_markdown(path: Path, rows, header: dict, shape) -> None:
     lines = ["# slc kernel benchmark", ""]
     lines += [f"- {k}: {v}" for k, v in header.items()]
     lines += ["", "Speedup columns are published time / measured time (> 1: fsagen faster than the published",
               "kernel, measured on its own H100; compare only on the same device); 'vs cuDNN here' is the dense",
               "cuDNN SDPA of this run / fsagen. slc FLOPs: 4*N*Hq*topk*bs*D forward; dense causal: 2*N^2*Hq*D",
-              "forward; backward counted as 2.5x forward everywhere.", ""]
-    cols = ["G", "bs,topk", "contender", "phase", "ms", "TFLOP/s", "extra MiB (fwd+bwd)", "pub FSA ms",
+              "forward; backward counted as 2.5x forward everywhere. '% matmul' = TFLOP/s over the measured",
+              f"bf16 matmul ceiling ({MATMUL_TFLOPS:.0f} TFLOP/s); 'min TB/s' = the fewest bytes the kernel must",
+              f"move (bench_slc.min_bytes) over its time, '% copy' = that over the copy ceiling ({COPY_TBPS} TB/s).", ""]
+    cols = ["G", "bs,topk", "contender", "phase", "ms", "TFLOP/s", "% matmul", "min TB/s", "% copy",
+            "extra MiB (fwd+bwd)", "pub FSA ms",
             "pub NSA ms", "pub cuDNN fwd ms", "vs pub FSA", "vs pub NSA", "vs pub cuDNN", "vs cuDNN here",
             "note / error"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for c in _table(rows):
+    for c in _table(rows, shape):
         cells = [c["G"], f"{c['block_size']},{c['topk']}", c["contender"], c["phase"], _fmt(c["ms"]),
-                 _fmt(c["tflops"], 1), _fmt(c["extra_mem_mib"], 0), _fmt(c["pub_fsa_ms"], 1),
+                 _fmt(c["tflops"], 1), _fmt(c["pct_matmul"], 1), _fmt(c["min_bytes_tbps"], 2),
+                 _fmt(c["pct_copy"], 1), _fmt(c["extra_mem_mib"], 0), _fmt(c["pub_fsa_ms"], 1),
                  _fmt(c["pub_nsa_ms"], 1), _fmt(c["pub_cudnn_fwd_ms"], 1), _fmt(c["speedup_vs_pub_fsa"]),
                  _fmt(c["speedup_vs_pub_nsa"]), _fmt(c["speedup_vs_pub_cudnn"]), _fmt(c["speedup_vs_sdpa_cudnn"]),
                  (f"ERROR {c['error']}" if c["error"] else c["note"]).replace("|", "/")]
@@ -340,11 +371,45 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--no-dense", action="store_true", help="skip the SDPA contenders")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--render", metavar="CSV", default=None,
+                   help="no GPU: rebuild the markdown and plot from a CSV this script wrote (its .md "
+                        "header is kept); for changes of the report's derived columns")
     return p.parse_args(argv)
+
+
+def read_rows(csv_path: Path) -> list[Row]:
+    """Rows of a CSV written by write_csv: the measured fields; the rest is derived again."""
+    num = lambda x: float(x) if x not in ("", None) else math.nan  # noqa: E731
+    rows = []
+    with open(csv_path) as f:
+        for rec in csv.DictReader(f):
+            g, bs, topk = int(rec["G"]), int(rec["block_size"]), int(rec["topk"])
+            rows.append(Row(G=g, Hq=int(rec["Hq"]), block_size=bs, topk=topk, contender=rec["contender"],
+                            phase=rec["phase"], ms=num(rec["ms"]), tflops=num(rec["tflops"]),
+                            extra_mem_mib=num(rec["extra_mem_mib"]), note=rec["note"], error=rec["error"],
+                            published=PUBLISHED.get((g, bs, topk), {})))
+    return rows
+
+
+def render(csv_path: Path, out: Path, shape) -> int:
+    """Rewrite slc_bench.{md,csv,png} in ``out`` from an earlier run's CSV and markdown header."""
+    rows = read_rows(csv_path)
+    old_md = (csv_path.parent / "slc_bench.md").read_text().splitlines()
+    header = dict(line[2:].split(": ", 1) for line in old_md if line.startswith("- ") and ": " in line)
+    header["report rendered"] = "from the CSV of the run above (bench_slc.py --render)"
+    write_csv(out / "slc_bench.csv", rows, shape)
+    write_markdown(out / "slc_bench.md", rows, header, shape)
+    n, hkv, d = shape
+    write_plot(out / "slc_bench.png", rows, f"slc, {header.get('device', '?')}, N={n}, Hkv={hkv}, D={d}, bf16")
+    print(f"rendered {out / 'slc_bench.md'}")
+    return 0
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.render:
+        n = args.n or (4096 if args.quick else 65536)
+        return render(Path(args.render), Path(args.out), (n, args.kv_heads, args.head_dim))
     if not torch.cuda.is_available():
         print("bench_slc: needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -399,8 +464,8 @@ def main(argv=None) -> int:
         "extra MiB": "torch.cuda.max_memory_allocated after reset, minus memory before and minus outputs",
         "published": "Triton FSA/NSA kernels and cuDNN dense fwd on an H100 (FSA paper); blank where not published",
     }
-    write_csv(out / "slc_bench.csv", rows)
-    write_markdown(out / "slc_bench.md", rows, header)
+    write_csv(out / "slc_bench.csv", rows, (n, hkv, d))
+    write_markdown(out / "slc_bench.md", rows, header, (n, hkv, d))
     plotted = write_plot(out / "slc_bench.png", rows, f"slc, {header['device']}, N={n}, Hkv={hkv}, D={d}, bf16")
     print(f"wrote {out / 'slc_bench.md'}, {out / 'slc_bench.csv'}" + (f", {out / 'slc_bench.png'}" if plotted else ""))
     return 0

@@ -30,19 +30,43 @@ def _rows(bench):
     return rows
 
 
+SHAPE = (65536, 4, 128)
+
+
 def test_writers(bench, tmp_path):
     rows = _rows(bench)
-    bench.write_csv(tmp_path / "slc_bench.csv", rows)
-    bench.write_markdown(tmp_path / "slc_bench.md", rows, {"device": "none"})
+    bench.write_csv(tmp_path / "slc_bench.csv", rows, SHAPE)
+    bench.write_markdown(tmp_path / "slc_bench.md", rows, {"device": "none"}, SHAPE)
     md = (tmp_path / "slc_bench.md").read_text()
     assert "ERROR RuntimeError: failed / badly" in md
     csv_lines = (tmp_path / "slc_bench.csv").read_text().splitlines()
     assert len(csv_lines) == len(rows) + 1
     # fsagen auto fwd at G=1: published FSA 12.6 ms / 10 ms, cuDNN measured here 10 ms / 10 ms.
-    rec = bench._table(rows)[0]
+    rec = bench._table(rows, SHAPE)[0]
     assert rec["speedup_vs_pub_fsa"] == pytest.approx(1.26) and rec["speedup_vs_sdpa_cudnn"] == 1.0
+    # floor columns: 1 TFLOP/s of 680; fwd min bytes at G=1: q, o (2 x 16.8 MB), k, v (134 MB),
+    # topk_idx (16.8 MB), lse (1 MB) = 186.6 MB in 10 ms
+    assert rec["pct_matmul"] == pytest.approx(100 / 680)
+    n, hkv, d = SHAPE
+    want = (2 * n * 4 * d * 2 + 2 * n * hkv * d * 2 + hkv * n * 16 * 4 + n * 4 * 4) / 10.0 / 1e9
+    assert rec["min_bytes_tbps"] == pytest.approx(want)
     pytest.importorskip("matplotlib")
     assert bench.write_plot(tmp_path / "slc_bench.png", rows, "t") and (tmp_path / "slc_bench.png").stat().st_size
+
+
+def test_render_round_trip(bench, tmp_path):
+    """--render rebuilds the same table from the CSV and the header of the earlier report."""
+    rows = _rows(bench)
+    bench.write_csv(tmp_path / "slc_bench.csv", rows, SHAPE)
+    bench.write_markdown(tmp_path / "slc_bench.md", rows, {"device": "X100"}, SHAPE)
+    before = (tmp_path / "slc_bench.md").read_text()
+    out = tmp_path / "out"
+    out.mkdir()
+    assert bench.main(["--render", str(tmp_path / "slc_bench.csv"), "--out", str(out)]) == 0
+    after = (out / "slc_bench.md").read_text()
+    assert "- device: X100" in after
+    table = lambda md: [line for line in md.splitlines() if line.startswith("|")]  # noqa: E731
+    assert table(after) == table(before)
 
 
 def test_no_gpu_exits_2(bench, tmp_path):
