@@ -150,7 +150,7 @@ def bench_fsagen(rows, timeit, q, k, v, idx, cu, bs, scale, meta):
             try:
                 from fsagen.slc import plan_for
 
-                note = "picked " + "/".join(plan_for(q, k, idx, bs, ph).loop_order for ph in ("fwd", "bwd"))
+                note = "picked " + "/".join(plan_for(q, k, idx, bs, ph)[1].loop_order for ph in ("fwd", "bwd"))
             except Exception as exc:
                 note = f"plan unknown ({_short(exc)})"
         fwd = Row(**meta, contender=f"fsagen {order}", phase="fwd", note=note)

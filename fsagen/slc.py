@@ -25,35 +25,38 @@ def _alloc(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _kernel(q, k, v, topk_idx, block_size, phase, loop_order):
-    from .cache import get_kernel
+def plan_for(q, k, topk_idx, block_size, phase, loop_order=None):
+    """(spec, plan, arch) the schedule picks for these inputs; loads nothing."""
     from .schedule import detect_arch, load_schedule
     from .spec import KernelSpec
 
     spec = KernelSpec(branch="slc", phase=phase, G=q.shape[1] // k.shape[1], D=q.shape[2],
                       block_size=block_size, topk=topk_idx.shape[2], dtype=_DTYPE_NAMES[q.dtype])
     arch = detect_arch()
-    plan = load_schedule(arch).plan(spec, loop_order=loop_order)
+    return spec, load_schedule(arch).plan(spec, loop_order=loop_order), arch
+
+
+def _kernel(q, k, topk_idx, block_size, phase, loop_order):
+    from .cache import get_kernel
+
+    spec, plan, arch = plan_for(q, k, topk_idx, block_size, phase, loop_order)
     return get_kernel(spec, plan, arch), plan
 
 
-def _head_chunks(num_tokens, num_kv_heads, G, dim, topk):
+def _head_chunks(num_tokens, num_kv_heads, topk, acc_floats_per_head_token):
+    """Ranges of kv heads processed together: their float32 buffers (``acc_floats_per_head_token``
+    per token and kv head) and block index (~32 bytes an entry) fit ``FSAGEN_CHUNK_BYTES``."""
     budget = int(os.environ.get("FSAGEN_CHUNK_BYTES", 512 << 20))
-    per_head = num_tokens * (G * dim * 4 + topk * G * 4 + topk * 32)
+    per_head = num_tokens * (acc_floats_per_head_token * 4 + topk * 32)
     step = max(1, min(num_kv_heads, budget // max(per_head, 1)))
     return [(lo, min(num_kv_heads, lo + step)) for lo in range(0, num_kv_heads, step)]
-
-
-def plan_for(q, k, topk_idx, block_size, phase, loop_order=None):
-    """The plan the schedule picks for these inputs (used by benchmarks and tests to report it)."""
-    return _kernel(q, k, k, topk_idx, block_size, phase, loop_order)[1]
 
 
 def slc_forward(q, k, v, topk_idx, cu_seqlens, block_size, scale, loop_order=None):
     N, Hq, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[2]
     G, topk = Hq // Hkv, topk_idx.shape[2]
-    kern, plan = _kernel(q, k, v, topk_idx, block_size, "fwd", loop_order)
+    kern, plan = _kernel(q, k, topk_idx, block_size, "fwd", loop_order)
     o = _alloc((N, Hq, Dv), q.dtype, q.device)
     lse = _alloc((N, Hq), torch.float32, q.device)
     if N == 0:
@@ -65,7 +68,7 @@ def slc_forward(q, k, v, topk_idx, cu_seqlens, block_size, scale, loop_order=Non
 
     per_item = plan.knob("rows") // G * plan.knob("tiles_per_item")
     lse2 = torch.empty((N, Hq), dtype=torch.float32, device=q.device)
-    for h_lo, h_hi in _head_chunks(N, Hkv, G, Dv, topk):
+    for h_lo, h_hi in _head_chunks(N, Hkv, topk, G * (Dv + topk)):  # o_acc + part
         heads = slice(h_lo * G, h_hi * G)
         index = build_block_index(topk_idx[h_lo:h_hi], layout, block_size, h_lo, per_item)
         part = torch.full((h_hi - h_lo, N, topk, G), -math.inf, dtype=torch.float32, device=q.device)
@@ -84,7 +87,7 @@ def slc_backward(do, q, k, v, o, lse, topk_idx, cu_seqlens, block_size, scale, l
     N, Hq, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[2]
     G, topk = Hq // Hkv, topk_idx.shape[2]
-    kern, plan = _kernel(q, k, v, topk_idx, block_size, "bwd", loop_order)
+    kern, plan = _kernel(q, k, topk_idx, block_size, "bwd", loop_order)
     dq = _alloc(q.shape, q.dtype, q.device)
     if N == 0:
         return dq, _alloc(k.shape, k.dtype, k.device), _alloc(v.shape, v.dtype, v.device)
@@ -98,12 +101,12 @@ def slc_backward(do, q, k, v, o, lse, topk_idx, cu_seqlens, block_size, scale, l
     if plan.loop_order == "q_outer":
         kern["q_bwd_dq"](q, k, v, do, topk_idx, layout.tok_start, lse2, delta, dq, float(scale))
         no_dq = torch.empty((1, 1, D), dtype=torch.float32, device=q.device)
-        for h_lo, h_hi in _head_chunks(N, Hkv, 0, 0, topk):
+        for h_lo, h_hi in _head_chunks(N, Hkv, topk, 0):
             index = build_block_index(topk_idx[h_lo:h_hi], layout, block_size, h_lo, per_item)
             kern["kv_bwd_dkdv"](q, k, v, do, index.items, index.ent_q, lse2, delta, no_dq,
                                 dk_acc, dv_acc, h_lo, float(scale))
     else:
-        for h_lo, h_hi in _head_chunks(N, Hkv, G, D, topk):
+        for h_lo, h_hi in _head_chunks(N, Hkv, topk, G * D):  # dq_acc
             index = build_block_index(topk_idx[h_lo:h_hi], layout, block_size, h_lo, per_item)
             dq_acc = torch.zeros((N, (h_hi - h_lo) * G, D), dtype=torch.float32, device=q.device)
             kern["kv_bwd"](q, k, v, do, index.items, index.ent_q, lse2, delta, dq_acc,
