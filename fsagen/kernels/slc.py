@@ -7,10 +7,11 @@ item and the selecting queries are gathered, all G heads of the group together, 
 ``rows`` (query, head) rows.
 
 * ``kv_fwd_stats``: per (query, block) entry and head, the log-sum-exp (natural log) of that
-  block's visible scores, written to ``part_lse[h, t, slot, g]``. The glue reduces it over the slots to the exact
-  per-query ``lse2`` (no shared shift: true statistics).
+  block's visible scores, written to ``part_lse[h, t, slot, g]``. The glue reduces it over the
+  slots to the exact per-query lse (no shared shift: true statistics).
 * ``kv_fwd_accum``: recomputes the scores, forms the exact probabilities ``exp2(s2 - lse2)`` and
-  atomically adds ``P @ V`` into a float32 accumulator. Two exact passes cost 1.5x the matmul
+  adds ``P @ V`` into a float32 accumulator (how: the ``scatter`` knob, ``tiles.py``). Two exact
+  passes cost 1.5x the matmul
   FLOPs of one but need no per-(query, block) partial outputs, whose size (N * topk * Hq * Dv) is
   what makes a single pass impractical at long N.
 * ``kv_bwd``: per item, dK and dV accumulate in registers across the item's tiles and are added
