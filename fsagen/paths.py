@@ -31,6 +31,11 @@ def _data_dir(repo_name: str, package_name: str) -> Path:
 
 
 def schedules_dir() -> Path:
+    """$FSAGEN_SCHEDULES_DIR (your own schedule files, e.g. for new hardware or a sweep), else the
+    schedules shipped with fsagen."""
+    env = os.environ.get("FSAGEN_SCHEDULES_DIR")
+    if env:
+        return Path(env).expanduser()
     return _data_dir("schedules", "schedules_data")
 
 

@@ -1,0 +1,57 @@
+"""bench/sweep_slc.py without a GPU: variant files and the schedule each variant becomes."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from fsagen import schedule
+from fsagen.paths import schedules_dir
+from fsagen.spec import KernelSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    spec = importlib.util.spec_from_file_location("sweep_slc", ROOT / "bench" / "sweep_slc.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["sweep_slc"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_shipped_variant_files_parse(sweep):
+    for path in (ROOT / "bench" / "variants").glob("*.toml"):
+        assert sweep.read_variants(path)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("", "at least one"),
+    ('[[variant]]\nname = "a"\nphase = "fwd"\n', "missing \\['loop_order'\\]"),
+    ('[[variant]]\nname = "a"\nphase = "sideways"\nloop_order = "kv_outer"\n', "phase='sideways'"),
+])
+def test_bad_variant_files(sweep, tmp_path, text, message):
+    path = tmp_path / "v.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        sweep.read_variants(path)
+
+
+@pytest.mark.parametrize("G", [1, 16])
+def test_variant_becomes_the_schedule(sweep, tmp_path, monkeypatch, G):
+    """The variant's rule wins for its phase at every G; the other phase keeps the shipped rules."""
+    shipped = schedule.load_schedule("sm90")
+    variant = {"name": "q_s3", "phase": "fwd", "loop_order": "q_outer", "knobs": {"num_stages": 3}}
+    monkeypatch.delenv("FSAGEN_SCHEDULES_DIR", raising=False)
+    base = schedules_dir()
+    try:
+        sweep.use_variant(variant, "sm90", tmp_path, base)
+        fwd = KernelSpec("slc", "fwd", G, 128, 64, 16, "bfloat16")
+        plan = schedule.load_schedule("sm90").plan(fwd)
+        assert plan.loop_order == "q_outer" and plan.knob("num_stages") == 3
+        bwd = KernelSpec("slc", "bwd", G, 128, 64, 16, "bfloat16")
+        assert schedule.load_schedule("sm90").plan(bwd) == shipped.plan(bwd)
+    finally:
+        monkeypatch.delenv("FSAGEN_SCHEDULES_DIR", raising=False)
+        schedule.load_schedule.cache_clear()
