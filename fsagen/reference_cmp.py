@@ -205,6 +205,14 @@ def _visible(length: int, num_cmp: int, kernel_size: int, stride: int, device) -
     return last[None, :] <= t[:, None]
 
 
+def _finite_row_max(s: torch.Tensor) -> torch.Tensor:
+    """Max over the last dim (kept), 0 for rows that are empty or all ``-inf``."""
+    if s.shape[-1] == 0:  # a sequence without compressed tokens; amax refuses empty dims
+        return s.new_zeros(s.shape[:-1] + (1,))
+    mx = s.amax(dim=-1, keepdim=True)
+    return torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+
+
 def _masked_softmax_attention(q, k, v, visible, scale):
     """q ``[L, Hq, D]``, k ``[Lc, Hkv, D]``, v ``[Lc, Hkv, Dv]``, visible ``[L, Lc]``.
 
@@ -217,8 +225,7 @@ def _masked_softmax_attention(q, k, v, visible, scale):
     vv = v.repeat_interleave(g, dim=1)
     s = torch.einsum("thd,ihd->hti", q, kk) * scale
     s = s.masked_fill(~visible, -math.inf)
-    mx = s.detach().amax(dim=-1, keepdim=True) if s.shape[-1] else s.new_full(s.shape[:-1] + (1,), -math.inf)
-    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    mx = _finite_row_max(s.detach())
     e = torch.exp(s - mx)
     denom = e.sum(dim=-1, keepdim=True)
     seen = denom > 0
