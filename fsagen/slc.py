@@ -5,7 +5,8 @@ tensor's values on the host, so the sequence of launches is capturable in a CUDA
 
 Memory: the KV-outer stages accumulate into float32 buffers of ``N * heads * D``; kv heads are
 processed in chunks so that those buffers and the block index stay under ``FSAGEN_CHUNK_BYTES``
-(default 512 MiB) whatever N and G are.
+(default 512 MiB), down to one kv head a chunk: one head's buffer is N * G * D * 4 bytes, which the
+budget does not bound (512 MiB at N = 65536, G = 16, D = 128).
 """
 import math
 import os
