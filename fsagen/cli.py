@@ -45,6 +45,19 @@ def _plans(schedule, spec, loop_orders: str):
     return [schedule.plan(spec, order) for order in schedule.loop_orders]
 
 
+def _detected_arch() -> str:
+    """The arch of the GPU present, for `fsagen build` without --arch."""
+    from fsagen.errors import NoGPU
+    from fsagen.schedule import detect_arch, known_arches
+
+    try:
+        arch = detect_arch()
+    except NoGPU:
+        raise NoGPU(f"no GPU here to detect the arch from; pass --arch (known: {', '.join(known_arches())})") from None
+    print(f"fsagen build: detected {arch}")
+    return arch
+
+
 def cmd_build(args) -> int:
     from fsagen.cache import artifact_ref, is_complete, kernel_sources_hash, tilelang_version
     from fsagen.manifest import write_manifest
@@ -52,7 +65,7 @@ def cmd_build(args) -> int:
     from fsagen.schedule import load_schedule
     from fsagen.spec import load_grid
 
-    schedule = load_schedule(args.arch)
+    schedule = load_schedule(args.arch or _detected_arch())
     arch = schedule.arch
     grid = Path(args.grid) if args.grid else default_grid_file()
     specs = load_grid(grid, subset=args.subset)
@@ -186,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     build = sub.add_parser("build", help="compile a grid of kernels ahead of time into generated/<arch>/")
-    build.add_argument("--arch", required=True, help="schedule name, e.g. sm90")
+    build.add_argument("--arch", help="schedule name, e.g. sm90 (default: the arch of the GPU present)")
     build.add_argument("--grid", help="grid TOML file (default: fsagen/grids/default.toml)")
     build.add_argument("--subset", help="a named subset of the grid, e.g. ci")
     build.add_argument("--jobs", "-j", type=int, default=None, help="parallel compile processes (default: cores)")

@@ -98,3 +98,29 @@ def test_failed_kernel_is_reported_and_others_still_build(env, tmp_path):
     assert result.stdout.count("FAILED: AttributeError") == 4
     assert "no_such_function" in (out / "sm90" / "build-errors.log").read_text()
     assert json.loads((out / "sm90" / "manifest.json").read_text())["artifacts"] == []
+
+
+def test_build_without_arch_needs_a_gpu_or_says_which_arch(capsys, monkeypatch, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the arch is detected")
+    monkeypatch.setenv("FSAGEN_GENERATED_DIR", str(tmp_path / "g"))
+    assert main(["build", "--subset", "ci"]) == 2
+    err = capsys.readouterr().err
+    assert "pass --arch" in err and "sm90" in err and err.count("\n") == 1
+
+
+def test_build_without_arch_uses_the_detected_gpu(env, monkeypatch, capsys, tmp_path):
+    """With a GPU present (stood in for by detect_arch), --arch defaults to its arch."""
+    pytest.importorskip("tilelang")
+    from fsagen import schedule
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.syspath_prepend(str(TESTS))
+    monkeypatch.setattr(schedule, "detect_arch", lambda: "sm90")
+    out = tmp_path / "aot"
+    assert main(["build", "--subset", "ci", "--jobs", "1", "--out", str(out)]) == 0
+    assert "detected sm90" in capsys.readouterr().out
+    assert (out / "sm90" / "manifest.json").is_file()
