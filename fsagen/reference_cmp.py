@@ -24,6 +24,9 @@ import numbers
 
 import torch
 
+from fsagen.reference_common import (check_int, check_ndim, check_shape, fail,
+                                     masked_softmax_attention, seq_bounds)
+
 __all__ = [
     "COMPRESS_KINDS",
     "num_compressed",
@@ -44,53 +47,11 @@ _OPTIONAL_PARAMS = {"mean": (), "weighted": (), "linear": ("pos_emb",)}
 # --------------------------------------------------------------------------- argument checks
 
 
-def _fail(arg: str, rule: str, got) -> None:
-    raise ValueError(f"{arg}: {rule}, got {got}")
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        _fail(name, "must be an int", type(value).__name__)
-    if value < minimum:
-        _fail(name, f"must be >= {minimum}", value)
-
-
-def _check_ndim(name: str, t, ndim: int, layout: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        _fail(name, "must be a torch.Tensor", type(t).__name__)
-    if t.dim() != ndim:
-        _fail(name, f"must be {ndim}-D {layout}", f"shape {tuple(t.shape)}")
-
-
-def _check_shape(name: str, t, shape: tuple[int, ...], layout: str) -> None:
-    _check_ndim(name, t, len(shape), layout)
-    if tuple(t.shape) != shape:
-        _fail(name, f"shape must be {layout} = {list(shape)}", f"shape {tuple(t.shape)}")
-
-
 def _check_kernel(kernel_size, stride) -> None:
-    _check_int("kernel_size", kernel_size, 1)
-    _check_int("stride", stride, 1)
+    check_int("kernel_size", kernel_size, 1)
+    check_int("stride", stride, 1)
     if kernel_size % stride != 0:
-        _fail("kernel_size", f"must be a multiple of stride={stride}", kernel_size)
-
-
-def _bounds(cu_seqlens, n: int | None, name: str = "cu_seqlens") -> list[int]:
-    """The offsets of ``cu_seqlens`` as python ints, checked: 1-D, from 0, non-decreasing, to n
-    (any end when n is None)."""
-    _check_ndim(name, cu_seqlens, 1, "[B + 1]")
-    if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool:
-        _fail(name, "must be an integer tensor", cu_seqlens.dtype)
-    b = [int(x) for x in cu_seqlens.tolist()]
-    if len(b) < 2:
-        _fail(name, "must hold B + 1 >= 2 offsets", b)
-    if b[0] != 0:
-        _fail(name, "must start at 0", b)
-    if any(y < x for x, y in zip(b[:-1], b[1:])):
-        _fail(name, "must be non-decreasing", b)
-    if n is not None and b[-1] != n:
-        _fail(name, f"must end at the number of packed tokens {n}", b)
-    return b
+        fail("kernel_size", f"must be a multiple of stride={stride}", kernel_size)
 
 
 def num_compressed(length: int, kernel_size: int, stride: int) -> int:
@@ -111,13 +72,13 @@ def _cmp_bounds(bounds: list[int], kernel_size: int, stride: int) -> list[int]:
 
 def _check_compress_params(kind, params: dict, hkv: int, ks: int, d: int, dv: int) -> None:
     if kind not in _KIND_PARAMS:
-        _fail("kind", f"must be one of {list(COMPRESS_KINDS)}", repr(kind))
+        fail("kind", f"must be one of {list(COMPRESS_KINDS)}", repr(kind))
     allowed = _KIND_PARAMS[kind] + _OPTIONAL_PARAMS[kind]
     for name, value in params.items():
         if value is None and name in _KIND_PARAMS[kind]:
-            _fail(name, f"is required by kind={kind!r}", None)
+            fail(name, f"is required by kind={kind!r}", None)
         if value is not None and name not in allowed:
-            _fail(name, f"is not used by kind={kind!r} (it takes {list(allowed) or 'no parameters'})", "a tensor")
+            fail(name, f"is not used by kind={kind!r} (it takes {list(allowed) or 'no parameters'})", "a tensor")
     expected = {
         "weight": ((hkv, ks), "[Hkv, kernel_size]"),
         "proj_k": ((hkv, ks * d, d), "[Hkv, kernel_size * D, D]"),
@@ -126,9 +87,9 @@ def _check_compress_params(kind, params: dict, hkv: int, ks: int, d: int, dv: in
     }
     for name, value in params.items():
         if value is not None:
-            _check_shape(name, value, *expected[name])
+            check_shape(name, value, *expected[name])
     if params.get("pos_emb") is not None and dv != d:
-        _fail("pos_emb", f"is added to v too, so v's head dim must equal D={d}", f"Dv={dv}")
+        fail("pos_emb", f"is added to v too, so v's head dim must equal D={d}", f"Dv={dv}")
 
 
 def _windows(x: torch.Tensor, num: int, kernel_size: int, stride: int) -> torch.Tensor:
@@ -174,14 +135,14 @@ def compress_reference(
     differentiable with respect to k, v and the parameters.
     """
     _check_kernel(kernel_size, stride)
-    _check_ndim("k", k, 3, "[N, Hkv, D]")
-    _check_ndim("v", v, 3, "[N, Hkv, Dv]")
+    check_ndim("k", k, 3, "[N, Hkv, D]")
+    check_ndim("v", v, 3, "[N, Hkv, Dv]")
     n, hkv, d = k.shape
     if v.shape[:2] != k.shape[:2]:
-        _fail("v", f"must be [N={n}, Hkv={hkv}, Dv] like k", f"shape {tuple(v.shape)}")
+        fail("v", f"must be [N={n}, Hkv={hkv}, Dv] like k", f"shape {tuple(v.shape)}")
     params = {"weight": weight, "proj_k": proj_k, "proj_v": proj_v, "pos_emb": pos_emb}
     _check_compress_params(kind, params, hkv, kernel_size, d, v.shape[2])
-    bounds = _bounds(cu_seqlens, n)
+    bounds = seq_bounds(cu_seqlens, n)
     p64 = {name: (t.double() if t is not None else None) for name, t in params.items()}
     k64, v64 = k.double(), v.double()
     k_out, v_out = [], []
@@ -205,37 +166,6 @@ def _visible(length: int, num_cmp: int, kernel_size: int, stride: int, device) -
     return last[None, :] <= t[:, None]
 
 
-def _finite_row_max(s: torch.Tensor) -> torch.Tensor:
-    """Max over the last dim (kept), 0 for rows that are empty or all ``-inf``."""
-    if s.shape[-1] == 0:  # a sequence without compressed tokens; amax refuses empty dims
-        return s.new_zeros(s.shape[:-1] + (1,))
-    mx = s.amax(dim=-1, keepdim=True)
-    return torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-
-
-def _masked_softmax_attention(q, k, v, visible, scale):
-    """q ``[L, Hq, D]``, k ``[Lc, Hkv, D]``, v ``[Lc, Hkv, Dv]``, visible ``[L, Lc]``.
-
-    Returns o ``[L, Hq, Dv]``, lse ``[L, Hq]``, p ``[Hq, L, Lc]``.  Rows that see nothing give
-    o = 0, lse = -inf, p = 0 and zero (not NaN) gradients: the max used for stability is made
-    finite there, so no ``-inf - -inf`` ever enters the graph.
-    """
-    g = q.shape[1] // k.shape[1]
-    kk = k.repeat_interleave(g, dim=1)
-    vv = v.repeat_interleave(g, dim=1)
-    s = torch.einsum("thd,ihd->hti", q, kk) * scale
-    s = s.masked_fill(~visible, -math.inf)
-    mx = _finite_row_max(s.detach())
-    e = torch.exp(s - mx)
-    denom = e.sum(dim=-1, keepdim=True)
-    seen = denom > 0
-    denom_safe = torch.where(seen, denom, torch.ones_like(denom))
-    p = e / denom_safe
-    lse = torch.where(seen, torch.log(denom_safe) + mx, torch.full_like(mx, -math.inf)).squeeze(-1)
-    o = torch.einsum("hti,ihd->thd", p, vv)
-    return o, lse.transpose(0, 1), p
-
-
 def cmp_attention_reference(
     q: torch.Tensor,
     k_cmp: torch.Tensor,
@@ -257,30 +187,30 @@ def cmp_attention_reference(
     up with ``cu_seqlens``).  Differentiable with respect to q, k_cmp, v_cmp.
     """
     _check_kernel(kernel_size, stride)
-    _check_ndim("q", q, 3, "[N, Hq, D]")
-    _check_ndim("k_cmp", k_cmp, 3, "[Nc, Hkv, D]")
-    _check_ndim("v_cmp", v_cmp, 3, "[Nc, Hkv, Dv]")
+    check_ndim("q", q, 3, "[N, Hq, D]")
+    check_ndim("k_cmp", k_cmp, 3, "[Nc, Hkv, D]")
+    check_ndim("v_cmp", v_cmp, 3, "[Nc, Hkv, Dv]")
     n, hq, d = q.shape
     nc, hkv, _ = k_cmp.shape
     if hkv == 0 or hq % hkv != 0:
-        _fail("k_cmp", f"number of kv heads must divide q's Hq={hq}", f"Hkv={hkv}")
+        fail("k_cmp", f"number of kv heads must divide q's Hq={hq}", f"Hkv={hkv}")
     if k_cmp.shape[2] != d:
-        _fail("k_cmp", f"head dim must equal q's D={d}", f"shape {tuple(k_cmp.shape)}")
+        fail("k_cmp", f"head dim must equal q's D={d}", f"shape {tuple(k_cmp.shape)}")
     if v_cmp.shape[:2] != k_cmp.shape[:2]:
-        _fail("v_cmp", f"must be [Nc={nc}, Hkv={hkv}, Dv] like k_cmp", f"shape {tuple(v_cmp.shape)}")
+        fail("v_cmp", f"must be [Nc={nc}, Hkv={hkv}, Dv] like k_cmp", f"shape {tuple(v_cmp.shape)}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
-        _fail("scale", "must be a float or None", type(scale).__name__)
-    bounds = _bounds(cu_seqlens, n)
-    cmp_bounds = _bounds(cu_seqlens_cmp, nc, "cu_seqlens_cmp")
+        fail("scale", "must be a float or None", type(scale).__name__)
+    bounds = seq_bounds(cu_seqlens, n)
+    cmp_bounds = seq_bounds(cu_seqlens_cmp, nc, "cu_seqlens_cmp")
     if cmp_bounds != _cmp_bounds(bounds, kernel_size, stride):
         rule = f"must match cu_seqlens for kernel_size={kernel_size}, stride={stride}"
-        _fail("cu_seqlens_cmp", f"{rule} ({_cmp_bounds(bounds, kernel_size, stride)})", cmp_bounds)
+        fail("cu_seqlens_cmp", f"{rule} ({_cmp_bounds(bounds, kernel_size, stride)})", cmp_bounds)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     q64, k64, v64 = q.double(), k_cmp.double(), v_cmp.double()
     outs, lses, probs = [], [], []
     for (s0, s1), (c0, c1) in zip(zip(bounds[:-1], bounds[1:]), zip(cmp_bounds[:-1], cmp_bounds[1:])):
         visible = _visible(s1 - s0, c1 - c0, kernel_size, stride, q.device)
-        o, lse, p = _masked_softmax_attention(q64[s0:s1], k64[c0:c1], v64[c0:c1], visible, scale)
+        o, lse, p = masked_softmax_attention(q64[s0:s1], k64[c0:c1], v64[c0:c1], visible, scale)
         outs.append(o)
         lses.append(lse)
         probs.append(p)
@@ -359,24 +289,24 @@ def select_blocks_reference(
         ("init_blocks", init_blocks, 0),
         ("local_blocks", local_blocks, 0),
     ):
-        _check_int(name, value, minimum)
+        check_int(name, value, minimum)
     if block_size % stride != 0:
-        _fail("block_size", f"must be a multiple of stride={stride}", block_size)
+        fail("block_size", f"must be a multiple of stride={stride}", block_size)
     if topk < init_blocks + local_blocks:
-        _fail("topk", f"must be >= init_blocks + local_blocks = {init_blocks + local_blocks}", topk)
-    bounds = _bounds(cu_seqlens, None)
+        fail("topk", f"must be >= init_blocks + local_blocks = {init_blocks + local_blocks}", topk)
+    bounds = seq_bounds(cu_seqlens, None)
     if not isinstance(p_list, (list, tuple)) or len(p_list) != len(bounds) - 1:
         got = f"{len(p_list)} entries" if isinstance(p_list, (list, tuple)) else type(p_list).__name__
-        _fail("p_list", f"must be a list with one [Hq, L, Lc] tensor per sequence ({len(bounds) - 1})", got)
+        fail("p_list", f"must be a list with one [Hq, L, Lc] tensor per sequence ({len(bounds) - 1})", got)
     out = []
     for b, (s0, s1) in enumerate(zip(bounds[:-1], bounds[1:])):
         length, p = s1 - s0, p_list[b]
         lc = num_compressed(length, kernel_size, stride)
-        _check_ndim(f"p_list[{b}]", p, 3, "[Hq, L, Lc]")
+        check_ndim(f"p_list[{b}]", p, 3, "[Hq, L, Lc]")
         hq = p.shape[0]
         if hq % num_kv_heads != 0 or tuple(p.shape[1:]) != (length, lc):
             rule = f"shape must be [Hq (a multiple of num_kv_heads={num_kv_heads}), L={length}, Lc={lc}]"
-            _fail(f"p_list[{b}]", rule, f"shape {tuple(p.shape)}")
+            fail(f"p_list[{b}]", rule, f"shape {tuple(p.shape)}")
         nblk = -(-length // block_size)
         grouped = p.double().reshape(num_kv_heads, hq // num_kv_heads, length, lc).sum(dim=1)
         w = selection_weights(lc, nblk, kernel_size, stride, block_size, device=p.device)

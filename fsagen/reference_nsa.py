@@ -25,15 +25,11 @@ import torch
 from fsagen.reference import slc_reference
 from fsagen.reference_cmp import (
     COMPRESS_KINDS,
-    _bounds,
-    _check_int,
-    _check_ndim,
-    _fail,
-    _masked_softmax_attention,
     cmp_attention_reference,
     compress_reference,
     select_blocks_reference,
 )
+from fsagen.reference_common import check_int, check_ndim, fail, masked_softmax_attention, seq_bounds
 
 __all__ = [
     "BRANCHES",
@@ -61,38 +57,38 @@ def _check_qkv(q, k, v) -> tuple[int, int, int]:
 
     Returns ``(N, Hq, Hkv)``.
     """
-    _check_ndim("q", q, 3, "[N, Hq, D]")
-    _check_ndim("k", k, 3, "[N, Hkv, D]")
-    _check_ndim("v", v, 3, "[N, Hkv, Dv]")
+    check_ndim("q", q, 3, "[N, Hq, D]")
+    check_ndim("k", k, 3, "[N, Hkv, D]")
+    check_ndim("v", v, 3, "[N, Hkv, Dv]")
     n, hq, d = q.shape
     hkv = k.shape[1]
     if k.shape[0] != n or k.shape[2] != d:
-        _fail("k", f"must be [N={n}, Hkv, D={d}] like q", f"shape {tuple(k.shape)}")
+        fail("k", f"must be [N={n}, Hkv, D={d}] like q", f"shape {tuple(k.shape)}")
     if hkv == 0 or hq % hkv != 0:
-        _fail("k", f"number of kv heads must divide q's Hq={hq}", f"Hkv={hkv}")
+        fail("k", f"number of kv heads must divide q's Hq={hq}", f"Hkv={hkv}")
     if v.shape[:2] != k.shape[:2]:
-        _fail("v", f"must be [N={n}, Hkv={hkv}, Dv] like k", f"shape {tuple(v.shape)}")
+        fail("v", f"must be [N={n}, Hkv={hkv}, Dv] like k", f"shape {tuple(v.shape)}")
     return n, hq, hkv
 
 
 def _check_scale(scale) -> None:
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
-        _fail("scale", "must be a float or None", type(scale).__name__)
+        fail("scale", "must be a float or None", type(scale).__name__)
 
 
 def _check_gates(gates, n: int, hq: int) -> None:
     """gates must be ``[N, Hq, 3]`` (per token and head) or ``[N, 3]`` (per token)."""
     if not isinstance(gates, torch.Tensor):
-        _fail("gates", "must be a torch.Tensor", type(gates).__name__)
+        fail("gates", "must be a torch.Tensor", type(gates).__name__)
     if tuple(gates.shape) not in ((n, hq, 3), (n, 3)):
-        _fail("gates", f"shape must be [N={n}, Hq={hq}, 3] or [N={n}, 3]", f"shape {tuple(gates.shape)}")
+        fail("gates", f"shape must be [N={n}, Hq={hq}, 3] or [N={n}, 3]", f"shape {tuple(gates.shape)}")
 
 
 def _check_same_shape(name: str, t, like: torch.Tensor, like_name: str) -> None:
     if not isinstance(t, torch.Tensor):
-        _fail(name, "must be a torch.Tensor", type(t).__name__)
+        fail(name, "must be a torch.Tensor", type(t).__name__)
     if t.shape != like.shape:
-        _fail(name, f"shape must equal {like_name}'s {tuple(like.shape)}", f"shape {tuple(t.shape)}")
+        fail(name, f"shape must equal {like_name}'s {tuple(like.shape)}", f"shape {tuple(t.shape)}")
 
 
 def _compression_kwargs(compression, compression_params) -> dict:
@@ -102,13 +98,13 @@ def _compression_kwargs(compression, compression_params) -> dict:
     :func:`compress_reference` itself and name the key of ``compression_params``.
     """
     if compression not in COMPRESS_KINDS:
-        _fail("compression", f"must be one of {list(COMPRESS_KINDS)}", repr(compression))
+        fail("compression", f"must be one of {list(COMPRESS_KINDS)}", repr(compression))
     params = {} if compression_params is None else compression_params
     if not isinstance(params, dict):
-        _fail("compression_params", "must be a dict or None", type(params).__name__)
+        fail("compression_params", "must be a dict or None", type(params).__name__)
     unknown = sorted(set(params) - set(_COMPRESSION_PARAM_NAMES))
     if unknown:
-        _fail("compression_params", f"keys must be among {list(_COMPRESSION_PARAM_NAMES)}", unknown)
+        fail("compression_params", f"keys must be among {list(_COMPRESSION_PARAM_NAMES)}", unknown)
     return dict(params)
 
 
@@ -130,7 +126,7 @@ def _swa_sequence(q, k, v, window_size: int, scale: float):
         c1 = min(length, c0 + _SWA_CHUNK)
         k0 = max(0, c0 - window_size + 1)  # the first key the chunk's first query sees
         visible = _window_visible(c0, c1, k0, c1, window_size, q.device)
-        o, lse, _ = _masked_softmax_attention(q[c0:c1], k[k0:c1], v[k0:c1], visible, scale)
+        o, lse, _ = masked_softmax_attention(q[c0:c1], k[k0:c1], v[k0:c1], visible, scale)
         outs.append(o)
         lses.append(lse)
     return outs, lses
@@ -161,9 +157,9 @@ def swa_reference(
     is finite.  Differentiable with respect to q, k, v.
     """
     n, hq, _ = _check_qkv(q, k, v)
-    _check_int("window_size", window_size, 1)
+    check_int("window_size", window_size, 1)
     _check_scale(scale)
-    bounds = _bounds(cu_seqlens, n)
+    bounds = seq_bounds(cu_seqlens, n)
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
     q64, k64, v64 = q.double(), k.double(), v.double()
     outs = [q64.new_zeros(0, hq, v.shape[2])]  # keeps torch.cat happy when N = 0
@@ -191,20 +187,20 @@ def gates_reference(
     weight ``[3, hidden]``, output ``[N, 3]`` (one gate per token and branch, shared by all heads).
     bias, optional, is ``[weight.shape[0]]``.  Differentiable with respect to x, weight, bias.
     """
-    _check_ndim("x", x, 2, "[N, hidden]")
-    _check_ndim("weight", weight, 2, "[Hq * 3, hidden]" if per_head else "[3, hidden]")
+    check_ndim("x", x, 2, "[N, hidden]")
+    check_ndim("weight", weight, 2, "[Hq * 3, hidden]" if per_head else "[3, hidden]")
     rows, hidden = weight.shape
     if hidden != x.shape[1]:
-        _fail("weight", f"must have x's hidden={x.shape[1]} columns", f"shape {tuple(weight.shape)}")
+        fail("weight", f"must have x's hidden={x.shape[1]} columns", f"shape {tuple(weight.shape)}")
     if per_head and (rows == 0 or rows % len(BRANCHES) != 0):
-        _fail("weight", "must have Hq * 3 rows (per_head=True)", f"shape {tuple(weight.shape)}")
+        fail("weight", "must have Hq * 3 rows (per_head=True)", f"shape {tuple(weight.shape)}")
     if not per_head and rows != len(BRANCHES):
-        _fail("weight", "must have 3 rows (per_head=False)", f"shape {tuple(weight.shape)}")
+        fail("weight", "must have 3 rows (per_head=False)", f"shape {tuple(weight.shape)}")
     logits = x.double() @ weight.double().T
     if bias is not None:
-        _check_ndim("bias", bias, 1, f"[{rows}]")
+        check_ndim("bias", bias, 1, f"[{rows}]")
         if bias.shape[0] != rows:
-            _fail("bias", f"must have weight's {rows} rows", f"shape {tuple(bias.shape)}")
+            fail("bias", f"must have weight's {rows} rows", f"shape {tuple(bias.shape)}")
         logits = logits + bias.double()
     g = torch.sigmoid(logits)
     return g.reshape(x.shape[0], rows // len(BRANCHES), len(BRANCHES)) if per_head else g
@@ -219,7 +215,7 @@ def gate_combine_reference(
     (per token, the same for every head), branches in :data:`BRANCHES` order.  Differentiable
     with respect to all four inputs.
     """
-    _check_ndim("o_cmp", o_cmp, 3, "[N, Hq, Dv]")
+    check_ndim("o_cmp", o_cmp, 3, "[N, Hq, Dv]")
     _check_same_shape("o_slc", o_slc, o_cmp, "o_cmp")
     _check_same_shape("o_swa", o_swa, o_cmp, "o_cmp")
     n, hq, _ = o_cmp.shape
@@ -277,7 +273,7 @@ def nsa_attention_reference(
     # Checks that the branch oracles would only reach after the expensive work, done up front.
     n, hq, hkv = _check_qkv(q, k, v)
     _check_gates(gates, n, hq)
-    _check_int("window_size", window_size, 1)
+    check_int("window_size", window_size, 1)
     _check_scale(scale)
     kwargs = _compression_kwargs(compression, compression_params)
 
