@@ -30,12 +30,29 @@ class TokenLayout:
     num_blocks_bound: int  # NB: static bound on the number of blocks over all sequences
 
 
+def token_sequence(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Index of the sequence each packed token belongs to, int64 ``[N]`` (empty sequences skipped)."""
+    cu = cu_seqlens.to(torch.int64)
+    tok = torch.arange(num_tokens, device=cu.device, dtype=torch.int64)
+    return torch.searchsorted(cu, tok, right=True) - 1
+
+
+def token_positions(cu_seqlens: torch.Tensor, num_tokens: int | None = None):
+    """(position within its sequence, sequence length) of every packed token, int64 ``[N]``.
+
+    ``num_tokens`` None reads it from ``cu_seqlens[-1]`` (a host sync)."""
+    cu = cu_seqlens.to(torch.int64)
+    n = int(cu[-1]) if num_tokens is None else num_tokens
+    seq = token_sequence(cu, n)
+    return torch.arange(n, device=cu.device) - cu[seq], (cu[1:] - cu[:-1])[seq]
+
+
 def token_layout(cu_seqlens: torch.Tensor, num_tokens: int, block_size: int) -> TokenLayout:
     cu = cu_seqlens.to(torch.int64)
     batch = cu.numel() - 1
     dev = cu.device
     tok = torch.arange(num_tokens, device=dev, dtype=torch.int64)
-    seq = torch.searchsorted(cu, tok, right=True) - 1
+    seq = token_sequence(cu, num_tokens)
     seq_start = cu[seq]
     lens = cu[1:] - cu[:-1]
     blocks_per_seq = (lens + block_size - 1) // block_size

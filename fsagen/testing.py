@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from fsagen.slc_index import token_positions  # re-exported: tests and benchmarks use it
+
 __all__ = [
     "random_cu_seqlens",
     "random_topk_idx",
@@ -53,16 +55,6 @@ def _cpu_gen(generator: torch.Generator | None) -> torch.Generator | None:
     g = torch.Generator()
     g.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)))
     return g
-
-
-def token_positions(cu_seqlens: torch.Tensor, total_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(position within its sequence, sequence length) for every packed token, as int64 ``[N]``."""
-    cu = cu_seqlens.long()
-    lens = cu[1:] - cu[:-1]
-    n = int(cu[-1]) if total_len is None else total_len
-    seq = torch.repeat_interleave(torch.arange(lens.numel(), device=cu.device), lens, output_size=n)
-    pos = torch.arange(n, device=cu.device) - cu[:-1][seq]
-    return pos, lens[seq]
 
 
 def random_topk_idx(

@@ -154,7 +154,7 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, n: int) -> None:
 
 
 def _check_topk_values(topk_idx: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int) -> None:
-    from fsagen.testing import token_positions
+    from fsagen.slc_index import token_positions
 
     n = topk_idx.shape[1]
     _, seq_len = token_positions(cu_seqlens, n)
