@@ -2,6 +2,14 @@
 
 ``build_programs`` is the single entry point used by the cache (to compile) and nothing else needs
 to know which stages a plan has. Each call builds fresh PrimFuncs: a compile may mutate one.
+
+Program families ("loop orders" in a schedule):
+
+* ``kv_outer`` / ``q_outer``: the two orders of the selected-block branch (``slc.py``).
+* ``dense``: attention over a *contiguous* key range per query (``dense.py``): the compressed
+  branch (cmp, keys are compressed tokens) and the sliding window (swa) share one program whose
+  mask is the branch's key range; ``sel`` (block scores for top-k selection, ``select.py``)
+  re-reads cmp's tiles the same way.
 """
 
 # Knobs each (loop order, phase) reads from its plan. The schedule layer validates plans against
@@ -11,32 +19,34 @@ REQUIRED_KNOBS = {
     ("kv_outer", "bwd"): ("rows", "tiles_per_item", "bwd_threads", "scatter"),
     ("q_outer", "fwd"): ("q_threads", "num_stages", "bulk_copy"),
     ("q_outer", "bwd"): ("q_threads", "num_stages", "bulk_copy", "rows", "tiles_per_item", "bwd_threads"),
+    ("dense", "fwd"): ("rows", "keys", "threads", "num_stages"),
+    ("dense", "bwd"): ("rows", "keys", "bwd_threads", "scatter"),
 }
 
 _DTYPES = {"bfloat16": "bfloat16", "float16": "float16"}
 
 
-def stage_names(loop_order: str, phase: str) -> tuple:
+def stage_names(branch: str, loop_order: str, phase: str) -> tuple:
     """Stages a plan compiles to, in launch order."""
+    if branch == "sel":
+        return ("sel_scores",)
     return {
         ("kv_outer", "fwd"): ("kv_fwd_stats", "kv_fwd_accum"),
         ("kv_outer", "bwd"): ("row_dot", "kv_bwd"),
         ("q_outer", "fwd"): ("q_fwd",),
         ("q_outer", "bwd"): ("row_dot", "q_bwd_dq", "kv_bwd_dkdv"),
+        ("dense", "fwd"): ("dense_fwd",),
+        ("dense", "bwd"): ("row_dot", "dense_bwd"),
     }[(loop_order, phase)]
 
 
-def build_programs(spec, plan) -> dict:
-    """Fresh PrimFuncs for every stage of ``plan`` applied to ``spec`` (an slc KernelSpec)."""
+def _slc_builders(spec, plan, dtype):
     from . import slc
 
-    if spec.branch != "slc":
-        raise ValueError(f"no programs for branch {spec.branch!r}")
     G, D, BS = spec.G, spec.D, spec.block_size
-    DV = getattr(spec, "DV", None) or D
-    dtype = _DTYPES[spec.dtype]
+    DV = D
     knob = plan.knob
-    builders = {
+    return {
         "kv_fwd_stats": lambda: slc.kv_fwd_stats(G, D, BS, dtype, knob("rows"), knob("threads")),
         "kv_fwd_accum": lambda: slc.kv_fwd_accum(G, D, DV, BS, dtype, knob("rows"), knob("threads"),
                                                  knob("scatter")),
@@ -50,4 +60,43 @@ def build_programs(spec, plan) -> dict:
         "q_bwd_dq": lambda: slc.q_bwd_dq(G, D, DV, BS, dtype, knob("q_threads"), knob("num_stages"),
                                          knob("bulk_copy")),
     }
-    return {name: builders[name]() for name in stage_names(plan.loop_order, spec.phase)}
+
+
+def _dense_builders(spec, plan, dtype):
+    from . import dense, slc
+
+    G, D = spec.G, spec.D
+    DV = D
+    knob = plan.knob
+    return {
+        "dense_fwd": lambda: dense.dense_fwd(spec.branch, G, D, DV, dtype, knob("rows"), knob("keys"),
+                                             knob("threads"), knob("num_stages")),
+        "dense_bwd": lambda: dense.dense_bwd(spec.branch, G, D, DV, dtype, knob("rows"), knob("keys"),
+                                             knob("bwd_threads"), knob("scatter")),
+        "row_dot": lambda: slc.row_dot(DV, dtype, 128),
+    }
+
+
+def _sel_builders(spec, plan, dtype):
+    from . import select
+
+    knob = plan.knob
+    return {
+        "sel_scores": lambda: select.sel_scores(spec.G, spec.D, dtype, spec.block_size,
+                                                spec.kernel_size, spec.stride, knob("rows"),
+                                                knob("keys"), knob("threads")),
+    }
+
+
+def build_programs(spec, plan) -> dict:
+    """Fresh PrimFuncs for every stage of ``plan`` applied to ``spec``."""
+    dtype = _DTYPES[spec.dtype]
+    if spec.branch == "slc":
+        builders = _slc_builders(spec, plan, dtype)
+    elif spec.branch in ("cmp", "swa"):
+        builders = _dense_builders(spec, plan, dtype)
+    elif spec.branch == "sel":
+        builders = _sel_builders(spec, plan, dtype)
+    else:
+        raise ValueError(f"no programs for branch {spec.branch!r}")
+    return {name: builders[name]() for name in stage_names(spec.branch, plan.loop_order, spec.phase)}
