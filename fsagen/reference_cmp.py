@@ -29,6 +29,9 @@ from fsagen.reference_common import (check_int, check_ndim, check_shape, fail,
 
 __all__ = [
     "COMPRESS_KINDS",
+    "COMPRESS_REQUIRED",
+    "COMPRESS_OPTIONAL",
+    "compress_param_shapes",
     "num_compressed",
     "compress_reference",
     "cmp_attention_reference",
@@ -38,10 +41,22 @@ __all__ = [
 
 COMPRESS_KINDS = ("mean", "weighted", "linear")
 
-# The parameters each compression kind needs; any other one given is an error (a silently ignored
-# parameter usually means the caller asked for a different kind than they think).
-_KIND_PARAMS = {"mean": (), "weighted": ("weight",), "linear": ("proj_k", "proj_v")}
-_OPTIONAL_PARAMS = {"mean": (), "weighted": (), "linear": ("pos_emb",)}
+# The parameters each compression kind needs, and those it may take besides; any other one given
+# is an error (a silently ignored parameter usually means the caller asked for a different kind
+# than they think).  Shared with the production op, fsagen.compress.
+COMPRESS_REQUIRED = {"mean": (), "weighted": ("weight",), "linear": ("proj_k", "proj_v")}
+COMPRESS_OPTIONAL = {"mean": (), "weighted": (), "linear": ("pos_emb",)}
+
+
+def compress_param_shapes(hkv: int, kernel_size: int, d: int, dv: int) -> dict:
+    """``{name: (shape, layout)}`` of every compression parameter (k head dim d, v head dim dv)."""
+    ks = kernel_size
+    return {
+        "weight": ((hkv, ks), "[Hkv, kernel_size]"),
+        "proj_k": ((hkv, ks * d, d), "[Hkv, kernel_size * D, D]"),
+        "proj_v": ((hkv, ks * dv, dv), "[Hkv, kernel_size * Dv, Dv]"),
+        "pos_emb": ((hkv, ks, d), "[Hkv, kernel_size, D]"),
+    }
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -71,20 +86,15 @@ def _cmp_bounds(bounds: list[int], kernel_size: int, stride: int) -> list[int]:
 
 
 def _check_compress_params(kind, params: dict, hkv: int, ks: int, d: int, dv: int) -> None:
-    if kind not in _KIND_PARAMS:
+    if kind not in COMPRESS_REQUIRED:
         fail("kind", f"must be one of {list(COMPRESS_KINDS)}", repr(kind))
-    allowed = _KIND_PARAMS[kind] + _OPTIONAL_PARAMS[kind]
+    allowed = COMPRESS_REQUIRED[kind] + COMPRESS_OPTIONAL[kind]
     for name, value in params.items():
-        if value is None and name in _KIND_PARAMS[kind]:
+        if value is None and name in COMPRESS_REQUIRED[kind]:
             fail(name, f"is required by kind={kind!r}", None)
         if value is not None and name not in allowed:
             fail(name, f"is not used by kind={kind!r} (it takes {list(allowed) or 'no parameters'})", "a tensor")
-    expected = {
-        "weight": ((hkv, ks), "[Hkv, kernel_size]"),
-        "proj_k": ((hkv, ks * d, d), "[Hkv, kernel_size * D, D]"),
-        "proj_v": ((hkv, ks * dv, dv), "[Hkv, kernel_size * Dv, Dv]"),
-        "pos_emb": ((hkv, ks, d), "[Hkv, kernel_size, D]"),
-    }
+    expected = compress_param_shapes(hkv, ks, d, dv)
     for name, value in params.items():
         if value is not None:
             check_shape(name, value, *expected[name])

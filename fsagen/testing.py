@@ -7,6 +7,7 @@ Everything here is vectorised torch so that it runs on the GPU at benchmark size
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -18,6 +19,7 @@ __all__ = [
     "token_positions",
     "rel_err",
     "poisoned_like",
+    "log_errors",
 ]
 
 
@@ -133,3 +135,24 @@ def poisoned_like(t: torch.Tensor) -> torch.Tensor:
     if t.dtype.is_floating_point or t.dtype.is_complex:
         return torch.full_like(t, math.nan)
     return torch.full_like(t, torch.iinfo(t.dtype).min)
+
+
+def log_errors(tag: str, case: str, errs: dict, fields: tuple[str, ...]) -> None:
+    """Print one test case's relative errors (run pytest with ``-s`` to see them) and, with
+    ``FSAGEN_GPU_LOG=path``, append them as a row of a markdown table in that file: one column per
+    name in ``fields``, "not measured" where ``errs`` lacks it.  A header (after a blank line) is
+    written whenever the file's last table has other columns, so tests with different fields can
+    share one log."""
+    line = " ".join(f"{k}={v:.3e}" for k, v in errs.items())
+    print(f"\n[{tag}] {case}: {line}")
+    path = os.environ.get("FSAGEN_GPU_LOG")
+    if not path:
+        return
+    header = "| case | " + " | ".join(fields) + " |"
+    lines = open(path).read().splitlines() if os.path.exists(path) else []
+    last = next((x for x in reversed(lines) if x.startswith("| case |")), None)
+    with open(path, "a") as f:
+        if last != header:
+            f.write(("\n" if lines else "") + header + "\n|---|" + "---|" * len(fields) + "\n")
+        cells = (f"{errs[k]:.3e}" if k in errs else "not measured" for k in fields)
+        f.write(f"| {case} | " + " | ".join(cells) + " |\n")
