@@ -24,7 +24,8 @@ import numbers
 
 import torch
 
-__all__ = ["check_slc_inputs", "index_checks_possible", "SUPPORTED_DTYPES", "dtype_name"]
+__all__ = ["check_slc_inputs", "index_checks_possible", "SUPPORTED_DTYPES", "dtype_name", "fail", "check_tensor",
+           "check_cu_seqlens", "check_scale", "check_plans", "device_arch"]
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -55,29 +56,29 @@ def index_checks_possible(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def _fail(kind, arg: str, rule: str, got) -> None:
+def fail(kind, arg: str, rule: str, got) -> None:
     raise kind(f"{arg}: {rule}, got {got}")
 
 
-def _check_tensor(name: str, t) -> None:
+def check_tensor(name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
-        _fail(TypeError, name, "must be a torch.Tensor", type(t).__name__)
+        fail(TypeError, name, "must be a torch.Tensor", type(t).__name__)
 
 
 def _check_metadata(q, k, v, topk_idx, cu_seqlens, block_size, scale) -> None:
     for name, t in (("q", q), ("k", k), ("v", v), ("topk_idx", topk_idx), ("cu_seqlens", cu_seqlens)):
-        _check_tensor(name, t)
+        check_tensor(name, t)
     if q.dtype not in SUPPORTED_DTYPES:
-        _fail(TypeError, "q", "dtype must be torch.bfloat16 or torch.float16", q.dtype)
+        fail(TypeError, "q", "dtype must be torch.bfloat16 or torch.float16", q.dtype)
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
-            _fail(TypeError, name, f"dtype must equal q's dtype {q.dtype}", t.dtype)
+            fail(TypeError, name, f"dtype must equal q's dtype {q.dtype}", t.dtype)
     for name, t in (("topk_idx", topk_idx), ("cu_seqlens", cu_seqlens)):
         if t.dtype != torch.int32:
-            _fail(TypeError, name, "dtype must be torch.int32", t.dtype)
+            fail(TypeError, name, "dtype must be torch.int32", t.dtype)
     for name, t in (("k", k), ("v", v), ("topk_idx", topk_idx), ("cu_seqlens", cu_seqlens)):
         if t.device != q.device:
-            _fail(ValueError, name, f"must be on q's device {q.device}", t.device)
+            fail(ValueError, name, f"must be on q's device {q.device}", t.device)
     for name, t, nd, layout in (
         ("q", q, 3, "[N, Hq, D]"),
         ("k", k, 3, "[N, Hkv, D]"),
@@ -86,33 +87,37 @@ def _check_metadata(q, k, v, topk_idx, cu_seqlens, block_size, scale) -> None:
         ("cu_seqlens", cu_seqlens, 1, "[B + 1]"),
     ):
         if t.dim() != nd:
-            _fail(ValueError, name, f"must be {nd}-D {layout}", f"shape {tuple(t.shape)}")
+            fail(ValueError, name, f"must be {nd}-D {layout}", f"shape {tuple(t.shape)}")
     n, hq, d = q.shape
     hkv = k.shape[1]
     if k.shape[0] != n:
-        _fail(ValueError, "k", f"must have N={n} tokens like q (dim 0)", f"shape {tuple(k.shape)}")
+        fail(ValueError, "k", f"must have N={n} tokens like q (dim 0)", f"shape {tuple(k.shape)}")
     if hkv == 0 or hq % hkv != 0:
-        _fail(ValueError, "k", f"number of kv heads must divide q's Hq={hq}", f"Hkv={hkv}")
+        fail(ValueError, "k", f"number of kv heads must divide q's Hq={hq}", f"Hkv={hkv}")
     if k.shape[2] != d:
-        _fail(ValueError, "k", f"head dim must equal q's D={d}", f"shape {tuple(k.shape)}")
+        fail(ValueError, "k", f"head dim must equal q's D={d}", f"shape {tuple(k.shape)}")
     if v.shape[:2] != k.shape[:2]:
-        _fail(ValueError, "v", f"must be [N={n}, Hkv={hkv}, Dv] like k", f"shape {tuple(v.shape)}")
+        fail(ValueError, "v", f"must be [N={n}, Hkv={hkv}, Dv] like k", f"shape {tuple(v.shape)}")
     if v.shape[2] != d:
         # The kernels read K and V rows with one head dim (KernelSpec has a single D).
-        _fail(ValueError, "v", f"head dim Dv must equal D={d} (the slc kernels use one head dim)", f"Dv={v.shape[2]}")
+        fail(ValueError, "v", f"head dim Dv must equal D={d} (the slc kernels use one head dim)", f"Dv={v.shape[2]}")
     if topk_idx.shape[0] != hkv or topk_idx.shape[1] != n or topk_idx.shape[2] < 1:
-        _fail(ValueError, "topk_idx", f"shape must be [Hkv={hkv}, N={n}, topk >= 1]", f"shape {tuple(topk_idx.shape)}")
+        fail(ValueError, "topk_idx", f"shape must be [Hkv={hkv}, N={n}, topk >= 1]", f"shape {tuple(topk_idx.shape)}")
     if cu_seqlens.shape[0] < 2:
-        _fail(ValueError, "cu_seqlens", "must hold B + 1 >= 2 offsets", f"shape {tuple(cu_seqlens.shape)}")
+        fail(ValueError, "cu_seqlens", "must hold B + 1 >= 2 offsets", f"shape {tuple(cu_seqlens.shape)}")
     if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral):
-        _fail(TypeError, "block_size", "must be an int", type(block_size).__name__)
+        fail(TypeError, "block_size", "must be an int", type(block_size).__name__)
     if block_size <= 0:
-        _fail(ValueError, "block_size", "must be positive", block_size)
+        fail(ValueError, "block_size", "must be positive", block_size)
+    check_scale(scale)
+
+
+def check_scale(scale) -> None:
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-            _fail(TypeError, "scale", "must be a float or None", type(scale).__name__)
+            fail(TypeError, "scale", "must be a float or None", type(scale).__name__)
         if not math.isfinite(scale) or scale == 0:
-            _fail(ValueError, "scale", "must be finite and non-zero", scale)
+            fail(ValueError, "scale", "must be finite and non-zero", scale)
 
 
 @functools.lru_cache(maxsize=256)
@@ -122,6 +127,26 @@ def _plan(arch: str, phase: str, G: int, D: int, block_size: int, topk: int, dty
 
     spec = KernelSpec(branch="slc", phase=phase, G=G, D=D, block_size=block_size, topk=topk, dtype=dtype)
     return load_schedule(arch).plan(spec)
+
+
+@functools.lru_cache(maxsize=512)
+def _plan_of(arch: str, spec):
+    from fsagen.schedule import load_schedule
+
+    return load_schedule(arch).plan(spec)
+
+
+def check_plans(device: torch.device, specs, arch: str | None = None) -> None:
+    """Raise ``UnsupportedSpec`` (from the schedule) unless every KernelSpec in ``specs`` has a
+    plan on ``arch`` (default: the arch of ``device``; nothing is checked for a non-CUDA device
+    and no ``arch``). Skipped while torch.compile traces (the plans were checked eagerly)."""
+    if torch.compiler.is_compiling():
+        return
+    arch = arch or device_arch(device)
+    if arch is None:
+        return
+    for spec in specs:
+        _plan_of(arch, spec)
 
 
 def device_arch(device: torch.device) -> str | None:
@@ -141,16 +166,16 @@ def _check_schedule(q, k, topk_idx, block_size, arch, phases) -> None:
         _plan(arch, phase, int(G), int(D), int(block_size), int(topk_idx.shape[2]), dtype_name(q.dtype))
 
 
-def _check_cu_seqlens(cu_seqlens: torch.Tensor, n: int) -> None:
+def check_cu_seqlens(cu_seqlens: torch.Tensor, n: int) -> None:
     cu = cu_seqlens.long()
     first, last, decreasing = torch.stack([cu[0], cu[-1], (cu[1:] < cu[:-1]).any().long()]).tolist()
     if first != 0:
-        _fail(ValueError, "cu_seqlens", "must start at 0", f"cu_seqlens[0]={first}")
+        fail(ValueError, "cu_seqlens", "must start at 0", f"cu_seqlens[0]={first}")
     if decreasing:
         at = int(torch.nonzero(cu[1:] < cu[:-1])[0, 0])
-        _fail(ValueError, "cu_seqlens", "must be non-decreasing", f"cu_seqlens[{at}:{at + 2}]={cu[at:at + 2].tolist()}")
+        fail(ValueError, "cu_seqlens", "must be non-decreasing", f"cu_seqlens[{at}:{at + 2}]={cu[at:at + 2].tolist()}")
     if last != n:
-        _fail(ValueError, "cu_seqlens", f"must end at N={n} (q.shape[0])", f"cu_seqlens[-1]={last}")
+        fail(ValueError, "cu_seqlens", f"must end at N={n} (q.shape[0])", f"cu_seqlens[-1]={last}")
 
 
 def _check_topk_values(topk_idx: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int) -> None:
@@ -176,7 +201,7 @@ def _check_topk_values(topk_idx: torch.Tensor, cu_seqlens: torch.Tensor, block_s
             h, t = (int(x) for x in torch.nonzero(bad.any(-1))[0])
             row = topk_idx[h, t].tolist()
             got = f"row [kv head {h}, token {t}] = {row} (sequence has {int(nblk[t])} blocks)"
-            _fail(ValueError, "topk_idx", rule, got)
+            fail(ValueError, "topk_idx", rule, got)
 
 
 def check_slc_inputs(
@@ -201,5 +226,5 @@ def check_slc_inputs(
     if not torch.compiler.is_compiling():
         _check_schedule(q, k, topk_idx, block_size, arch, phases)
     if check_index_values and index_checks_possible(q, k, v, topk_idx, cu_seqlens):
-        _check_cu_seqlens(cu_seqlens, q.shape[0])
+        check_cu_seqlens(cu_seqlens, q.shape[0])
         _check_topk_values(topk_idx, cu_seqlens, block_size)

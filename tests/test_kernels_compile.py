@@ -39,7 +39,7 @@ def built(tmp_path_factory):
 def test_every_stage_compiles_for_sm90a(built, spec, order):
     path = built[(spec, order)]
     meta = json.loads(open(os.path.join(path, "meta.json")).read())
-    assert sorted(meta["stages"]) == sorted(stage_names(order, spec.phase))
+    assert sorted(meta["stages"]) == sorted(stage_names(spec.branch, order, spec.phase))
     for stage, info in meta["stages"].items():
         assert os.path.getsize(os.path.join(path, info["library"])) > 0
         source = open(os.path.join(path, info["source"])).read()

@@ -20,7 +20,7 @@ REQUIRED_KNOBS = {
     ("q_outer", "fwd"): ("q_threads", "num_stages", "bulk_copy"),
     ("q_outer", "bwd"): ("q_threads", "num_stages", "bulk_copy", "rows", "tiles_per_item", "bwd_threads"),
     ("dense", "fwd"): ("rows", "keys", "threads", "num_stages"),
-    ("dense", "bwd"): ("rows", "keys", "bwd_threads", "scatter"),
+    ("dense", "bwd"): ("rows", "keys", "bwd_threads", "num_stages", "q_split"),
 }
 
 _DTYPES = {"bfloat16": "bfloat16", "float16": "float16"}
@@ -29,14 +29,14 @@ _DTYPES = {"bfloat16": "bfloat16", "float16": "float16"}
 def stage_names(branch: str, loop_order: str, phase: str) -> tuple:
     """Stages a plan compiles to, in launch order."""
     if branch == "sel":
-        return ("sel_scores",)
+        return ("sel_topk",)
     return {
         ("kv_outer", "fwd"): ("kv_fwd_stats", "kv_fwd_accum"),
         ("kv_outer", "bwd"): ("row_dot", "kv_bwd"),
         ("q_outer", "fwd"): ("q_fwd",),
         ("q_outer", "bwd"): ("row_dot", "q_bwd_dq", "kv_bwd_dkdv"),
         ("dense", "fwd"): ("dense_fwd",),
-        ("dense", "bwd"): ("row_dot", "dense_bwd"),
+        ("dense", "bwd"): ("row_dot", "dense_bwd_dq", "dense_bwd_dkdv"),
     }[(loop_order, phase)]
 
 
@@ -71,8 +71,10 @@ def _dense_builders(spec, plan, dtype):
     return {
         "dense_fwd": lambda: dense.dense_fwd(spec.branch, G, D, DV, dtype, knob("rows"), knob("keys"),
                                              knob("threads"), knob("num_stages")),
-        "dense_bwd": lambda: dense.dense_bwd(spec.branch, G, D, DV, dtype, knob("rows"), knob("keys"),
-                                             knob("bwd_threads"), knob("scatter")),
+        "dense_bwd_dq": lambda: dense.dense_bwd_dq(spec.branch, G, D, DV, dtype, knob("rows"),
+                                                   knob("keys"), knob("bwd_threads"), knob("num_stages")),
+        "dense_bwd_dkdv": lambda: dense.dense_bwd_dkdv(spec.branch, G, D, DV, dtype, knob("rows"),
+                                                       knob("keys"), knob("bwd_threads"), knob("q_split")),
         "row_dot": lambda: slc.row_dot(DV, dtype, 128),
     }
 
@@ -82,9 +84,9 @@ def _sel_builders(spec, plan, dtype):
 
     knob = plan.knob
     return {
-        "sel_scores": lambda: select.sel_scores(spec.G, spec.D, dtype, spec.block_size,
-                                                spec.kernel_size, spec.stride, knob("rows"),
-                                                knob("keys"), knob("threads")),
+        "sel_topk": lambda: select.sel_topk(spec.G, spec.D, dtype, spec.block_size,
+                                            spec.kernel_size, spec.stride, spec.topk, knob("rows"),
+                                            knob("keys"), knob("threads"), knob("num_stages")),
     }
 
 
