@@ -5,11 +5,23 @@ TileLang) are imported lazily by the modules that use them.
 """
 __version__ = "0.1.0"
 
+# public name -> module that defines it (loaded on first use)
+_PUBLIC = {
+    "selected_attention": "fsagen.ops",
+    "compressed_attention": "fsagen.ops_dense",
+    "sliding_window_attention": "fsagen.ops_dense",
+    "select_blocks": "fsagen.ops_dense",
+    "compress": "fsagen.compress",
+}
+
 
 def __getattr__(name):
-    # The public op lives in fsagen.ops (imports torch); load it on first use only.
-    if name == "selected_attention":
-        from fsagen import ops
+    if name in _PUBLIC:
+        import importlib
 
-        return ops.selected_attention
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
     raise AttributeError(f"module 'fsagen' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_PUBLIC))

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .glue import alloc
+from .glue import DTYPE_NAMES, alloc, plan_and_kernel
 from .tile_index import seq_tiles
 
 LN2 = math.log(2.0)
@@ -35,8 +35,8 @@ def dense_forward(kern, plan, q, k, v, cu_q, cu_k, arg_a, arg_b, scale):
 def dense_backward(kern, plan, do, q, k, v, o, lse, cu_q, cu_k, arg_a, arg_b, scale, query_span):
     """(dq, dk, dv) in the inputs' dtypes: dq by query tiles, dk/dv by key tiles.
 
-    ``query_span`` bounds how many query positions see one key tile (N for cmp, window + keys for
-    swa); with the plan's ``q_split`` > 0 it sizes the split of each key tile's queries."""
+    ``query_span`` bounds how many query positions see one key tile (:func:`query_span`); with
+    the plan's ``q_split`` > 0 it sizes the split of each key tile's queries."""
     n, hq, _ = q.shape
     nk, hkv = k.shape[:2]
     dq = alloc(q.shape, q.dtype, q.device)
@@ -66,3 +66,26 @@ def dense_backward(kern, plan, do, q, k, v, o, lse, cu_q, cu_k, arg_a, arg_b, sc
     dv_acc = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
     kern["dense_bwd_dkdv"](q, k, v, do, work, cu_q, cu_k, lse2, delta, dk_acc, dv_acc, a, b, s)
     return dq, dk.copy_(dk_acc), dv.copy_(dv_acc)
+
+
+def query_span(branch, num_queries, arg_a, keys):
+    """An upper bound on the query positions that see one key tile of ``keys`` keys."""
+    return num_queries if branch == "cmp" else min(num_queries, arg_a + keys)
+
+
+def _spec(branch, phase, q, k):
+    from .spec import KernelSpec
+
+    return KernelSpec(branch=branch, phase=phase, G=q.shape[1] // k.shape[1], D=q.shape[2],
+                      block_size=0, topk=0, dtype=DTYPE_NAMES[q.dtype])
+
+
+def forward(branch, q, k, v, cu_q, cu_k, arg_a, arg_b, scale):
+    kern, plan = plan_and_kernel(_spec(branch, "fwd", q, k))
+    return dense_forward(kern, plan, q, k, v, cu_q, cu_k, arg_a, arg_b, scale)
+
+
+def backward(branch, do, q, k, v, o, lse, cu_q, cu_k, arg_a, arg_b, scale):
+    kern, plan = plan_and_kernel(_spec(branch, "bwd", q, k))
+    span = query_span(branch, q.shape[0], arg_a, plan.knob("keys"))
+    return dense_backward(kern, plan, do, q, k, v, o, lse, cu_q, cu_k, arg_a, arg_b, scale, span)

@@ -86,7 +86,7 @@ def _sel_builders(spec, plan, dtype):
     return {
         "sel_topk": lambda: select.sel_topk(spec.G, spec.D, dtype, spec.block_size,
                                             spec.kernel_size, spec.stride, spec.topk, knob("rows"),
-                                            knob("keys"), knob("threads"), knob("num_stages")),
+                                            knob("keys"), knob("threads")),
     }
 
 

@@ -80,7 +80,7 @@ def make_sort_ascending(topk: int):
 
 
 def sel_topk(G: int, D: int, dtype: str, block_size: int, kernel_size: int, stride: int,
-             topk: int, rows: int, keys: int, threads: int, num_stages: int):
+             topk: int, rows: int, keys: int, threads: int):
     if rows % G:
         raise ValueError(f"sel_topk: rows={rows} must be a multiple of G={G}")
     m, r = block_size // stride, kernel_size // stride
@@ -151,7 +151,9 @@ def sel_topk(G: int, D: int, dtype: str, block_size: int, kernel_size: int, stri
                     top_v[i] = -1.0
                     top_i[i] = -1
                 n_tiles = T.ceildiv(k_hi, BN)
-                for it in T.Pipelined(n_tiles, num_stages=num_stages):
+                # Not T.Pipelined: its warp specialisation leaves producer warps out of the
+                # per-query threads' block barriers below, which hung the kernel on the H100.
+                for it in T.serial(n_tiles):
                     j0 = it * BN
                     T.copy(K[k0 + j0:k0 + j0 + BN, h, :], K_s)
                     T.clear(acc_s)
