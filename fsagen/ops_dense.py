@@ -97,7 +97,8 @@ def _scale(q, scale):
 
 
 def _needs_grad(*tensors) -> tuple[str, ...]:
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    # Runs before the checks: a non-tensor must reach them (TypeError naming it), not fail here.
+    grad = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
     return ("fwd", "bwd") if grad else ("fwd",)
 
 

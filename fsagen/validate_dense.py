@@ -94,7 +94,7 @@ def _specs(branch, q, k, phases, **extra):
 
     g, d = q.shape[1] // k.shape[1], q.shape[2]
     fields = dict(block_size=0, topk=0)
-    fields.update(extra)
+    fields.update((name, int(value)) for name, value in extra.items())  # e.g. numpy ints pass check_int
     return [KernelSpec(branch=branch, phase=p, G=int(g), D=int(d), dtype=dtype_name(q.dtype), **fields)
             for p in phases]
 
