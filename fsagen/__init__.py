@@ -11,7 +11,7 @@ _PUBLIC = {
     "compressed_attention": "fsagen.ops_dense",
     "sliding_window_attention": "fsagen.ops_dense",
     "select_blocks": "fsagen.ops_dense",
-    "compress": "fsagen.compress",
+    "compress": "fsagen.compression",
 }
 
 

@@ -81,7 +81,7 @@ def select_topk(q: Tensor, k_cmp: Tensor, lse_cmp: Tensor, cu_q: Tensor, cu_k: T
                 stride: int, block_size: int, topk: int, init_blocks: int, local_blocks: int,
                 scale: float) -> Tensor:
     """topk_idx int32 [Hkv, N, topk]."""
-    out = _glue("select_blocks").select(q, k_cmp, lse_cmp, cu_q, cu_k, kernel_size, stride, block_size, topk,
+    out = _glue("selection").select(q, k_cmp, lse_cmp, cu_q, cu_k, kernel_size, stride, block_size, topk,
                                         init_blocks, local_blocks, scale)
     return out.contiguous()
 

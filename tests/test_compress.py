@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fsagen.compress import compress
+from fsagen.compression import compress
 from fsagen.reference_cmp import compress_reference
 from fsagen.testing import rel_err
 

@@ -31,3 +31,18 @@ def test_every_python_package_is_installed():
         if d.is_dir() and d.name != "__pycache__" and any(d.glob("*.py"))
     } | {"fsagen"}
     assert on_disk <= listed, f"add to pyproject [tool.setuptools] packages: {sorted(on_disk - listed)}"
+
+
+def test_public_names_are_not_shadowed_by_submodules():
+    """``fsagen.<name>`` must stay the public function even after every submodule is imported:
+    importing a submodule binds its name on the package, so no module may share a public name."""
+    import importlib
+    import pkgutil
+
+    import fsagen
+
+    for info in pkgutil.iter_modules(fsagen.__path__):
+        if info.name != "kernels":  # needs TileLang; holds no public name
+            importlib.import_module(f"fsagen.{info.name}")
+    for name in fsagen._PUBLIC:
+        assert callable(getattr(fsagen, name)) and not isinstance(getattr(fsagen, name), type(fsagen)), name

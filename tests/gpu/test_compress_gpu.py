@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the CPU test's helpers
 from test_compress import KIND_IDS, KINDS, _params, compare_with_grads  # noqa: E402
 
-from fsagen.compress import compress  # noqa: E402
+from fsagen.compression import compress  # noqa: E402
 from fsagen.testing import log_errors, random_cu_seqlens  # noqa: E402
 
 pytestmark = pytest.mark.gpu
