@@ -40,9 +40,10 @@ def _build_one(spec_dict: dict, plan_dict: dict, arch: str, out: str) -> tuple[f
 
 
 def _plans(schedule, spec, loop_orders: str):
+    """auto: the schedule's plan; all: one plan per loop order of the schedule that runs the spec's branch."""
     if loop_orders == "auto":
         return [schedule.plan(spec)]
-    return [schedule.plan(spec, order) for order in schedule.loop_orders]
+    return [schedule.plan(spec, order) for order in schedule.loop_orders_for(spec.branch)]
 
 
 def _detected_arch() -> str:
@@ -205,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--jobs", "-j", type=int, default=None, help="parallel compile processes (default: cores)")
     build.add_argument("--out", help="output root (default: $FSAGEN_GENERATED_DIR or the repo's generated/)")
     build.add_argument("--loop-orders", choices=("auto", "all"), default="auto",
-                       help="auto: the schedule's choice per spec; all: every loop order (for benchmarks)")
+                       help="auto: the schedule's choice per spec; all: every loop order that can run the "
+                            "spec's branch (for benchmarks)")
     build.set_defaults(func=cmd_build)
 
     lst = sub.add_parser("list", help="list compiled artifacts (generated/ and the user cache)")

@@ -12,14 +12,23 @@ from pathlib import Path
 
 from fsagen.errors import NoGPU, ScheduleError, UnsupportedSpec
 from fsagen.paths import schedules_dir
-from fsagen.spec import KernelSpec, read_toml, canonical_key
+from fsagen.spec import BRANCHES, KernelSpec, read_toml, canonical_key
 
-LOOP_ORDERS = ("kv_outer", "q_outer")
+LOOP_ORDERS = ("kv_outer", "q_outer", "dense")
+# The loop orders (program families, fsagen/kernels) that can run each branch: the selected blocks
+# in either order; the contiguous key ranges of cmp and swa, and sel's scores, by the dense programs.
+BRANCH_LOOP_ORDERS = {
+    "slc": ("kv_outer", "q_outer"),
+    "cmp": ("dense",),
+    "swa": ("dense",),
+    "sel": ("dense",),
+}
 # Every knob a schedule may set, its type, and a rule each value must keep.  Which knobs a plan
 # needs is the kernels' business: fsagen.kernels.REQUIRED_KNOBS[(loop_order, phase)].
 _THREADS = (lambda v: v > 0 and v % 32 == 0, "a positive multiple of 32")
 KNOBS: dict[str, tuple[type, object, str]] = {
     "rows": (int, lambda v: v > 0 and v % 16 == 0, "a positive multiple of 16"),
+    "keys": (int, lambda v: v > 0 and v % 16 == 0, "a positive multiple of 16"),
     "tiles_per_item": (int, lambda v: v >= 1, ">= 1"),
     "threads": (int, *_THREADS),
     "bwd_threads": (int, *_THREADS),
@@ -27,6 +36,7 @@ KNOBS: dict[str, tuple[type, object, str]] = {
     "num_stages": (int, lambda v: v >= 0, ">= 0"),
     "bulk_copy": (bool, lambda v: True, "true or false"),
     "scatter": (str, lambda v: v in ("x2", "x4", "tma"), 'one of "x2", "x4", "tma"'),
+    "q_split": (int, lambda v: v >= 0, ">= 0"),
 }
 
 
@@ -100,17 +110,23 @@ class Rule:
 class Schedule:
     """A parsed schedule file.  Construct with `load_schedule(arch)` or `Schedule.from_file(path)`."""
 
-    def __init__(self, arch: str, path: Path, target: dict, supports: dict, defaults: dict, rules: list[Rule]):
+    def __init__(self, arch: str, path: Path, target: dict, supports: dict, defaults: dict, rules: list[Rule],
+                 branch_supports: dict | None = None):
         self.arch = arch
         self.path = path
         self.target = target
-        self.supports = supports
+        self.supports = supports  # conditions every spec must meet
+        self.branch_supports = branch_supports or {}  # branch -> conditions its specs must also meet
         self.defaults = defaults  # loop order -> {knob: value}
         self.rules = rules
 
     @property
     def loop_orders(self) -> tuple[str, ...]:
         return tuple(self.defaults)
+
+    def loop_orders_for(self, branch: str) -> tuple[str, ...]:
+        """The loop orders of this schedule that can run `branch`."""
+        return tuple(order for order in self.defaults if order in BRANCH_LOOP_ORDERS[branch])
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Schedule":
@@ -123,8 +139,7 @@ class Schedule:
         target = data.get("target")
         if not isinstance(target, dict) or "kind" not in target:
             raise ScheduleError(f"{where}: [target] must be a table with at least 'kind'")
-        supports = data.get("supports", {})
-        _check_conditions(supports, f"{where}: [supports]")
+        supports, branch_supports = _split_supports(data.get("supports", {}), where)
         defaults = {}
         for order, knobs in data.get("knobs", {}).items():
             if order not in LOOP_ORDERS:
@@ -144,34 +159,48 @@ class Schedule:
                 raise ScheduleError(f"{at}: loop_order={order!r} must be one of {list(defaults)}")
             when = raw.get("when", {})
             _check_conditions(when, f"{at} when")
+            _check_rule_branches(when, order, at)
             knobs = raw.get("knobs", {})
             _check_knobs(knobs, f"{at} knobs")
             rules.append(Rule(tuple(when.items()), order, tuple(knobs.items()), i + 1))
-        return cls(path.stem, path, target, supports, defaults, rules)
+        return cls(path.stem, path, target, supports, defaults, rules, branch_supports)
 
     def check_supported(self, spec: KernelSpec) -> None:
-        for name, cond in self.supports.items():
-            value = getattr(spec, name)
-            if not _matches(cond, value):
-                raise UnsupportedSpec(
-                    f"KernelSpec.{name}={value!r} is not supported by schedule {self.arch} ({self.path}): "
-                    f"{name} must be {_describe(cond)}"
-                )
+        """The [supports] conditions, then those of the spec's branch table ([supports.<branch>])."""
+        tables = [(self.supports, "")]
+        if spec.branch in self.branch_supports:
+            scope = f" for branch {spec.branch!r} ([supports.{spec.branch}])"
+            tables.append((self.branch_supports[spec.branch], scope))
+        for conditions, scope in tables:
+            for name, cond in conditions.items():
+                value = getattr(spec, name)
+                if not _matches(cond, value):
+                    raise UnsupportedSpec(
+                        f"KernelSpec.{name}={value!r} is not supported by schedule {self.arch} ({self.path}): "
+                        f"{name} must be {_describe(cond)}{scope}"
+                    )
 
     def plan(self, spec: KernelSpec, loop_order: str | None = None) -> Plan:
         """The plan for `spec`: the first matching rule's loop order, or `loop_order` if forced.
 
-        A forced loop order still takes the knob overrides of the first rule that matches the spec
-        and picks that same loop order, so tuned knobs stay in force in comparisons.
+        Only rules whose loop order can run the spec's branch (BRANCH_LOOP_ORDERS) apply.  A forced
+        loop order still takes the knob overrides of the first rule that matches the spec and picks
+        that same loop order, so tuned knobs stay in force in comparisons.
         """
         self.check_supported(spec)
+        usable = BRANCH_LOOP_ORDERS[spec.branch]
         if loop_order is not None and loop_order not in self.defaults:
             raise UnsupportedSpec(
                 f"loop_order={loop_order!r} is not available in schedule {self.arch} ({self.path}); "
                 f"available: {list(self.defaults)}"
             )
+        if loop_order is not None and loop_order not in usable:
+            raise UnsupportedSpec(
+                f"loop_order={loop_order!r} cannot run branch {spec.branch!r} ({spec.name}); "
+                f"branch {spec.branch!r} runs with {list(usable)}"
+            )
         for rule in self.rules:
-            if rule.matches(spec) and loop_order in (None, rule.loop_order):
+            if rule.matches(spec) and rule.loop_order in usable and loop_order in (None, rule.loop_order):
                 return self._make_plan(spec, rule.loop_order, dict(rule.knobs), f"[[rules]] #{rule.index}")
         if loop_order is not None:
             return self._make_plan(spec, loop_order, {}, "(forced loop order)")
@@ -188,6 +217,38 @@ class Schedule:
                 f"needed by {loop_order} {spec.phase}"
             )
         return Plan(loop_order, tuple((name, knobs[name]) for name in needed))
+
+
+def _split_supports(supports: dict, where: str) -> tuple[dict, dict]:
+    """([supports] conditions, {branch: [supports.<branch>] conditions}): a key of [supports] that
+    names a branch is that branch's table, every other key a condition on a KernelSpec field."""
+    common = {name: cond for name, cond in supports.items() if name not in BRANCHES}
+    _check_conditions(common, f"{where}: [supports]")
+    per_branch = {}
+    for branch in BRANCHES:
+        if branch not in supports:
+            continue
+        table = supports[branch]
+        at = f"{where}: [supports.{branch}]"
+        if not isinstance(table, dict):
+            raise ScheduleError(f"{at} must be a table of conditions, got {table!r}")
+        _check_conditions(table, at)
+        per_branch[branch] = dict(table)
+    return common, per_branch
+
+
+def _check_rule_branches(when: dict, loop_order: str, where: str) -> None:
+    """A rule limited to branches that its loop order cannot run would never apply: an error."""
+    if "branch" not in when:
+        return
+    branches = [b for b in BRANCHES if _matches(when["branch"], b)]
+    if not branches:
+        raise ScheduleError(f"{where}: when branch {_describe(when['branch'])} matches no branch of {list(BRANCHES)}")
+    if not any(loop_order in BRANCH_LOOP_ORDERS[b] for b in branches):
+        raise ScheduleError(
+            f"{where}: loop_order={loop_order!r} cannot run branch(es) {branches} of its 'when'; "
+            f"loop orders per branch: {BRANCH_LOOP_ORDERS}"
+        )
 
 
 def _check_conditions(conditions: dict, where: str) -> None:

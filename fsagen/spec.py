@@ -16,10 +16,27 @@ from pathlib import Path
 from fsagen.errors import GridError, SpecError, UnsupportedSpec
 from fsagen.paths import default_grid_file
 
-BRANCHES = ("slc",)
+# slc: attention over the selected blocks; cmp: attention over the compressed tokens; swa: sliding
+# window attention; sel: top-k block selection from the compressed branch's scores.
+BRANCHES = ("slc", "cmp", "swa", "sel")
 PHASES = ("fwd", "bwd")
 # dtype name -> short form used in readable names
 DTYPES = {"bfloat16": "bf16", "float16": "fp16"}
+
+# Per branch: the phases it has, and which of the shape fields block_size, topk, kernel_size and
+# stride are compile-time parameters (">= 1") or unused ("== 0": cmp and swa take their key ranges
+# as runtime arguments).
+_POSITIVE, _ZERO = ">= 1", "== 0"
+BRANCH_RULES: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
+    "slc": (PHASES, {"block_size": _POSITIVE, "topk": _POSITIVE, "kernel_size": _ZERO, "stride": _ZERO}),
+    "cmp": (PHASES, {"block_size": _ZERO, "topk": _ZERO, "kernel_size": _ZERO, "stride": _ZERO}),
+    "swa": (PHASES, {"block_size": _ZERO, "topk": _ZERO, "kernel_size": _ZERO, "stride": _ZERO}),
+    "sel": (("fwd",), {"block_size": _POSITIVE, "topk": _POSITIVE, "kernel_size": _POSITIVE,
+                       "stride": _POSITIVE}),
+}
+_UNUSED_WHY = {"cmp": "its key range is a runtime argument", "swa": "its key range is a runtime argument"}
+# (branch, field, divisor field): field must be a multiple of the divisor field
+_MULTIPLES = (("sel", "kernel_size", "stride"), ("sel", "block_size", "stride"))
 
 
 def _check_choice(owner: str, field: str, value, choices) -> None:
@@ -46,7 +63,11 @@ def short_hash(text: str, n: int = 8) -> str:
 
 @dataclass(frozen=True)
 class KernelSpec:
-    """One kernel to generate.  G = query heads per kv head, D = head dim (q, k and v)."""
+    """One kernel to generate.  G = query heads per kv head, D = head dim (q, k and v).
+
+    Which of block_size, topk, kernel_size and stride a branch uses: `BRANCH_RULES` (unused ones
+    are 0; kernel_size and stride default to 0 so that slc, cmp and swa specs may omit them).
+    """
 
     branch: str
     phase: str
@@ -55,13 +76,32 @@ class KernelSpec:
     block_size: int
     topk: int
     dtype: str
+    kernel_size: int = 0
+    stride: int = 0
 
     def __post_init__(self):
         _check_choice("KernelSpec", "branch", self.branch, BRANCHES)
         _check_choice("KernelSpec", "phase", self.phase, PHASES)
+        phases, shape_rules = BRANCH_RULES[self.branch]
+        if self.phase not in phases:
+            raise SpecError(
+                f"KernelSpec.phase={self.phase!r}: must be one of {list(phases)} for branch {self.branch!r}"
+            )
         _check_choice("KernelSpec", "dtype", self.dtype, DTYPES)
-        for name in ("G", "D", "block_size", "topk"):
+        for name in ("G", "D"):
             _check_int("KernelSpec", name, getattr(self, name))
+        for name, rule in shape_rules.items():
+            value = getattr(self, name)
+            _check_int("KernelSpec", name, value, minimum=0)
+            if (value >= 1) != (rule == _POSITIVE):
+                why = "" if rule == _POSITIVE else f" ({_UNUSED_WHY.get(self.branch, 'unused by its kernels')})"
+                raise SpecError(f"KernelSpec.{name}={value!r}: must be {rule} for branch {self.branch!r}{why}")
+        for branch, name, divisor in _MULTIPLES:
+            value, by = getattr(self, name), getattr(self, divisor)
+            if self.branch == branch and value % by:
+                raise SpecError(
+                    f"KernelSpec.{name}={value!r}: must be a multiple of {divisor}={by} for branch {branch!r}"
+                )
 
     @property
     def key(self) -> str:
@@ -73,25 +113,34 @@ class KernelSpec:
 
     @property
     def name(self) -> str:
-        """Readable name; the hash covers every field, the readable part only the usual ones."""
-        return (
-            f"{self.branch}_{self.phase}_{DTYPES[self.dtype]}_g{self.G}_d{self.D}"
-            f"_bs{self.block_size}_k{self.topk}-{self.short_hash}"
-        )
+        """Readable name; the hash covers every field, the readable part those the branch uses."""
+        shape = {
+            "slc": f"_bs{self.block_size}_k{self.topk}",
+            "sel": f"_bs{self.block_size}_ks{self.kernel_size}_s{self.stride}_k{self.topk}",
+        }.get(self.branch, "")
+        return f"{self.branch}_{self.phase}_{DTYPES[self.dtype]}_g{self.G}_d{self.D}{shape}-{self.short_hash}"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "KernelSpec") -> "KernelSpec":
+        """Fields with a default (kernel_size, stride) may be left out."""
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(data) - set(names))
-        missing = [n for n in names if n not in data]
+        missing = [n for n in _REQUIRED_FIELDS if n not in data]
         if unknown:
             raise SpecError(f"{where}: unknown KernelSpec field(s) {unknown}; fields are {names}")
         if missing:
             raise SpecError(f"{where}: missing KernelSpec field(s) {missing}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except SpecError as exc:
+            raise SpecError(f"{where}: {exc}") from None
+
+
+# fields without a default: a grid table or a subset entry must give them
+_REQUIRED_FIELDS = tuple(f.name for f in dataclasses.fields(KernelSpec) if f.default is dataclasses.MISSING)
 
 
 COMPRESSIONS = ("mean", "weighted", "linear")
@@ -147,27 +196,31 @@ class NSASpec:
         return canonical_key(self)
 
     def kernel_specs(self) -> list[KernelSpec]:
-        """The kernels of the branches implemented so far (slc fwd and bwd)."""
+        """Every kernel of the layer: slc, cmp and swa forward and backward, sel forward."""
         if self.v_head_dim not in (None, self.head_dim):
             raise UnsupportedSpec(
-                f"NSASpec.v_head_dim={self.v_head_dim}: the slc kernels need v_head_dim == head_dim "
+                f"NSASpec.v_head_dim={self.v_head_dim}: the kernels need v_head_dim == head_dim "
                 f"({self.head_dim}) for now"
             )
-        return [
-            KernelSpec("slc", phase, self.G, self.head_dim, self.block_size, self.topk, self.dtype)
-            for phase in PHASES
-        ]
+        common = dict(G=self.G, D=self.head_dim, dtype=self.dtype)
+        specs = [KernelSpec("slc", phase, block_size=self.block_size, topk=self.topk, **common) for phase in PHASES]
+        specs += [KernelSpec(branch, phase, block_size=0, topk=0, **common)
+                  for branch in ("cmp", "swa") for phase in PHASES]
+        specs.append(KernelSpec("sel", "fwd", block_size=self.block_size, topk=self.topk,
+                                kernel_size=self.kernel_size, stride=self.stride, **common))
+        return specs
 
 
 # ---------------------------------------------------------------------------------------------
 # Grid files
 #
-# [grid]                       every KernelSpec field appears exactly once, either as an axis ...
-# branch = ["slc"]
-# G = [1, 2, 4]
-# [[grid.together]]            ... or inside a group of fields that vary together
-# fields = ["block_size", "topk"]
+# [[grid]]                     one table or several; the grid is the union of their specs.  In each,
+# branch = ["slc"]             every KernelSpec field without a default appears exactly once, either
+# G = [1, 2, 4]                as an axis ...
+# [[grid.together]]            ... or inside a group of fields that vary together (a group belongs
+# fields = ["block_size", "topk"]   to the [[grid]] table above it)
 # values = [[64, 16], [128, 8]]
+# A single [grid] table is one table.  The same spec from two tables is an error.
 # [[subset.ci]]                named subsets: explicit specs, each of which must be in the grid
 # branch = "slc"  ...
 # ---------------------------------------------------------------------------------------------
@@ -183,33 +236,37 @@ def read_toml(path: Path, error=GridError) -> dict:
         raise error(f"{path}: invalid TOML: {exc}") from None
 
 
-def _expand_grid(grid: dict, path: Path) -> list[KernelSpec]:
+def _expand_grid(grid: dict, path: Path, where: str = "[grid]") -> list[KernelSpec]:
+    """The specs of one grid table; `where` names the table in errors."""
     field_names = [f.name for f in dataclasses.fields(KernelSpec)]
+    if not isinstance(grid, dict):
+        raise GridError(f"{path}: {where} must be a table")
     axes: list[tuple[tuple[str, ...], list[tuple]]] = []
     for name, values in grid.items():
         if name == "together":
             continue
         if not isinstance(values, list) or not values:
-            raise GridError(f"{path}: [grid] {name} must be a non-empty list")
+            raise GridError(f"{path}: {where} {name} must be a non-empty list")
         axes.append(((name,), [(v,) for v in values]))
     for i, group in enumerate(grid.get("together", [])):
+        at = f"{where} [[grid.together]] #{i + 1}"
         fields, values = group.get("fields"), group.get("values")
         if not isinstance(fields, list) or not isinstance(values, list) or not values:
-            raise GridError(f"{path}: [[grid.together]] #{i + 1} needs a 'fields' list and a non-empty 'values' list")
+            raise GridError(f"{path}: {at} needs a 'fields' list and a non-empty 'values' list")
         for row in values:
             if not isinstance(row, list) or len(row) != len(fields):
-                raise GridError(f"{path}: [[grid.together]] #{i + 1}: value {row!r} does not match fields {fields}")
+                raise GridError(f"{path}: {at}: value {row!r} does not match fields {fields}")
         axes.append((tuple(fields), [tuple(row) for row in values]))
     seen = [name for names, _ in axes for name in names]
     unknown = sorted(set(seen) - set(field_names))
     duplicated = sorted({n for n in seen if seen.count(n) > 1})
-    missing = [n for n in field_names if n not in seen]
+    missing = [n for n in _REQUIRED_FIELDS if n not in seen]
     if unknown:
-        raise GridError(f"{path}: unknown KernelSpec field(s) {unknown}; fields are {field_names}")
+        raise GridError(f"{path}: {where}: unknown KernelSpec field(s) {unknown}; fields are {field_names}")
     if duplicated:
-        raise GridError(f"{path}: field(s) {duplicated} given more than once")
+        raise GridError(f"{path}: {where}: field(s) {duplicated} given more than once")
     if missing:
-        raise GridError(f"{path}: [grid] lacks field(s) {missing}")
+        raise GridError(f"{path}: {where} lacks field(s) {missing}")
     specs = []
     for combo in itertools.product(*(values for _, values in axes)):
         fields = {}
@@ -218,8 +275,25 @@ def _expand_grid(grid: dict, path: Path) -> list[KernelSpec]:
         try:
             specs.append(KernelSpec(**fields))
         except SpecError as exc:
-            raise GridError(f"{path}: {exc}") from None
+            raise GridError(f"{path}: {where}: {exc}") from None
     return specs
+
+
+def _grid_specs(grid, path: Path) -> list[KernelSpec]:
+    """The union of a [grid] table's or of every [[grid]] table's specs; a spec twice is an error."""
+    if isinstance(grid, dict):
+        tables = [(grid, "[grid]")]
+    elif isinstance(grid, list) and grid:
+        tables = [(table, f"[[grid]] #{i + 1}") for i, table in enumerate(grid)]
+    else:
+        raise GridError(f"{path}: no [grid] table (grid must be one table or an array of tables)")
+    specs: dict[KernelSpec, str] = {}
+    for table, where in tables:
+        for spec in _expand_grid(table, path, where):
+            if spec in specs:
+                raise GridError(f"{path}: {where} gives {spec.name} again (also from {specs[spec]})")
+            specs[spec] = where
+    return list(specs)
 
 
 def load_grid(path: str | Path | None = None, subset: str | None = None) -> list[KernelSpec]:
@@ -228,7 +302,7 @@ def load_grid(path: str | Path | None = None, subset: str | None = None) -> list
     data = read_toml(path)
     if "grid" not in data:
         raise GridError(f"{path}: no [grid] table")
-    specs = _expand_grid(data["grid"], path)
+    specs = _grid_specs(data["grid"], path)
     if subset is None:
         return specs
     subsets = data.get("subset", {})

@@ -5,14 +5,34 @@ import pytest
 
 from fsagen.errors import NoGPU, ScheduleError, UnsupportedSpec
 from fsagen.kernels import REQUIRED_KNOBS
-from fsagen.schedule import Plan, Schedule, detect_arch, load_schedule, normalize_arch
-from fsagen.spec import KernelSpec, load_grid
+from fsagen.schedule import (BRANCH_LOOP_ORDERS, KNOBS, LOOP_ORDERS, Plan, Schedule, detect_arch, load_schedule,
+                             normalize_arch)
+from fsagen.spec import BRANCHES, KernelSpec, load_grid
 
 SM90 = load_schedule("sm90")
 
 
 def spec(**kw):
     return dataclasses.replace(KernelSpec("slc", "fwd", 4, 128, 64, 16, "bfloat16"), **kw)
+
+
+def cmp_spec(**kw):
+    return dataclasses.replace(KernelSpec("cmp", "fwd", 4, 128, 0, 0, "bfloat16"), **kw)
+
+
+def sel_spec(**kw):
+    return dataclasses.replace(KernelSpec("sel", "fwd", 4, 128, 64, 16, "bfloat16", kernel_size=32, stride=16), **kw)
+
+
+def test_branch_loop_orders_cover_every_branch():
+    assert set(BRANCH_LOOP_ORDERS) == set(BRANCHES)
+    for branch, orders in BRANCH_LOOP_ORDERS.items():
+        assert orders and set(orders) <= set(LOOP_ORDERS), branch
+    # the kernels read knobs for every (loop order, phase) a branch can reach
+    assert {(o, p) for orders in BRANCH_LOOP_ORDERS.values() for o in orders for p in ("fwd", "bwd")} <= set(
+        REQUIRED_KNOBS)
+    assert set(SM90.loop_orders) == set(LOOP_ORDERS)
+    assert {b: SM90.loop_orders_for(b) for b in BRANCHES} == BRANCH_LOOP_ORDERS
 
 
 def test_target_and_aliases():
@@ -41,22 +61,48 @@ def test_sm90_rules(G, bs, phase, order):
     assert [k for k, _ in plan.knobs] == sorted(REQUIRED_KNOBS[(order, phase)])
 
 
+@pytest.mark.parametrize("s", [
+    cmp_spec(), cmp_spec(phase="bwd"), cmp_spec(branch="swa", G=16, D=64, dtype="float16"),
+    cmp_spec(branch="swa", phase="bwd", G=1), sel_spec(), sel_spec(block_size=128, kernel_size=64, stride=32, topk=8),
+], ids=lambda s: s.name.split("-")[0])
+def test_sm90_dense_rule(s):
+    plan = SM90.plan(s)
+    assert plan.loop_order == "dense"
+    assert [k for k, _ in plan.knobs] == sorted(REQUIRED_KNOBS[("dense", s.phase)])
+    assert plan.knob("rows") == 64 and plan.knob("keys") == 64
+    if s.phase == "bwd":
+        assert plan.knob("bwd_threads") == 128 and plan.knob("q_split") == 0
+    else:
+        assert plan.knob("threads") == 128 and plan.knob("num_stages") == 2
+
+
 def test_sm90_rule_knob_override():
     assert SM90.plan(spec(G=1, phase="bwd", block_size=128, topk=8)).knob("bwd_threads") == 256
 
 
 def test_forced_loop_order_is_honoured():
     s = spec(G=4)
-    for order in SM90.loop_orders:
+    for order in SM90.loop_orders_for("slc"):
         assert SM90.plan(s, loop_order=order).loop_order == order
+    assert SM90.plan(cmp_spec(), loop_order="dense") == SM90.plan(cmp_spec())
     assert SM90.plan(s, "q_outer").key != SM90.plan(s, "kv_outer").key
     with pytest.raises(UnsupportedSpec, match="loop_order='zigzag'"):
         SM90.plan(s, loop_order="zigzag")
 
 
+@pytest.mark.parametrize("s,order", [
+    (spec(), "dense"), (cmp_spec(), "kv_outer"), (cmp_spec(phase="bwd"), "q_outer"),
+    (cmp_spec(branch="swa"), "kv_outer"), (sel_spec(), "q_outer"), (sel_spec(), "kv_outer"),
+], ids=lambda x: x if isinstance(x, str) else x.branch)
+def test_forced_loop_order_the_branch_cannot_use(s, order):
+    with pytest.raises(UnsupportedSpec, match=rf"loop_order='{order}' cannot run branch '{s.branch}'") as info:
+        SM90.plan(s, loop_order=order)
+    assert str(list(BRANCH_LOOP_ORDERS[s.branch])) in str(info.value)
+
+
 def test_every_grid_spec_has_a_plan():
     for s in load_grid():
-        SM90.plan(s)
+        assert SM90.plan(s).loop_order in BRANCH_LOOP_ORDERS[s.branch]
 
 
 def test_knob_values_and_plan_api():
@@ -70,11 +116,25 @@ def test_knob_values_and_plan_api():
         Plan("diagonal", ())
 
 
-@pytest.mark.parametrize("field,value", [("D", 96), ("block_size", 32), ("G", 32)])
-def test_unsupported_spec_names_field_and_rule(field, value):
+@pytest.mark.parametrize("make,field,value,scope,extra", [
+    (spec, "D", 96, "", {}), (spec, "G", 32, "", {}), (cmp_spec, "D", 256, "", {}), (sel_spec, "G", 17, "", {}),
+    (spec, "block_size", 32, "slc", {}), (spec, "topk", 65, "slc", {}),
+    (sel_spec, "block_size", 32, "sel", {}), (sel_spec, "topk", 65, "sel", {}),
+    (sel_spec, "kernel_size", 256, "sel", {}), (sel_spec, "stride", 8, "sel", {"kernel_size": 16}),
+    (sel_spec, "stride", 128, "sel", {"block_size": 128, "kernel_size": 128}),
+], ids=lambda x: x.__name__ if callable(x) else None)
+def test_unsupported_spec_names_field_and_rule(make, field, value, scope, extra):
     with pytest.raises(UnsupportedSpec, match=rf"KernelSpec\.{field}={value}.*sm90") as info:
-        SM90.plan(spec(**{field: value}))
-    assert "must be" in str(info.value)
+        SM90.plan(make(**{field: value}, **extra))
+    assert f"{field} must be" in str(info.value) and str(SM90.path) in str(info.value)
+    assert (f"for branch '{scope}' ([supports.{scope}])" in str(info.value)) == bool(scope)
+
+
+def test_branch_tables_apply_to_their_branch_only():
+    assert set(SM90.branch_supports) == {"slc", "sel"}
+    assert "block_size" not in SM90.supports  # cmp and swa specs have block_size 0
+    SM90.check_supported(cmp_spec())
+    SM90.check_supported(cmp_spec(branch="swa", phase="bwd"))
 
 
 BASE = Path(SM90.path).read_text()
@@ -92,14 +152,34 @@ def _schedule(tmp_path, text) -> Path:
     (("num_stages = 2\n\n[knobs.q_outer]", "num_stages = true\n\n[knobs.q_outer]"), r"knob 'num_stages' must be int"),
     (("rows = 64", "rows = 60"), r"knob 'rows'=60 must be a positive multiple of 16"),
     (("[knobs.q_outer]", "[knobs.diag]\nthreads = 1\n[knobs.q_outer]"), r"\[knobs.diag\]: unknown loop order"),
-    (('loop_order = "q_outer"', 'loop_order = "diag"'), r"\[\[rules\]\] #3: loop_order='diag'"),
-    (('when = { phase = "fwd" }', "when = { heads = 8 }"), r"unknown KernelSpec field 'heads'"),
+    (('loop_order = "q_outer"', 'loop_order = "diag"'), r"\[\[rules\]\] #4: loop_order='diag'"),
+    (('when = { branch = "slc", phase = "fwd" }', "when = { heads = 8 }"), r"unknown KernelSpec field 'heads'"),
+    (("keys = 64", "keys = 40"), r"\[knobs.dense\]: knob 'keys'=40 must be a positive multiple of 16"),
+    (("keys = 64", "keys = 0"), r"\[knobs.dense\]: knob 'keys'=0 must be a positive multiple of 16"),
+    (("q_split = 0", "q_split = -1"), r"\[knobs.dense\]: knob 'q_split'=-1 must be >= 0"),
+    (("[supports.slc]", "[supports.slc]\nheads = 8"), r"\[supports.slc\]: unknown KernelSpec field 'heads'"),
+    (("[supports.sel]\nblock_size = [64, 128]", "[supports.sel]\nblock_size = { lo = 64 }"),
+     r"\[supports.sel\]: block_size range must have only 'min' and/or 'max'"),
+    (("[supports]", "[supports]\nslcx = [64]"), r"\[supports\]: unknown KernelSpec field 'slcx'"),
+    (("[supports]", "[supports]\nswa = [64]"), r"\[supports.swa\] must be a table of conditions"),
+    (('when = { branch = ["cmp", "swa", "sel"] }', 'when = { branch = "cmp" }\nknobs = {}'), None),
+    (('when = { branch = ["cmp", "swa", "sel"] }\nloop_order = "dense"',
+      'when = { branch = "cmp" }\nloop_order = "kv_outer"'),
+     r"\[\[rules\]\] #1: loop_order='kv_outer' cannot run branch\(es\) \['cmp'\]"),
+    (('when = { branch = "slc", phase = "fwd" }', 'when = { branch = ["sel", "swa"], phase = "fwd" }'),
+     r"\[\[rules\]\] #4: loop_order='q_outer' cannot run branch\(es\) \['swa', 'sel'\]"),
+    (('when = { branch = ["cmp", "swa", "sel"] }', 'when = { branch = ["cmp", "swab"] }'), None),
+    (('when = { branch = ["cmp", "swa", "sel"] }', 'when = { branch = "cmpx" }'),
+     r"\[\[rules\]\] #1: when branch == 'cmpx' matches no branch"),
     (("[target]", "[targets]\n[target]"), r"unknown table"),
 ])
 def test_schedule_file_errors_name_file_and_knob(tmp_path, edit, pattern):
     old, new = edit
     assert old in BASE
     path = _schedule(tmp_path, BASE.replace(old, new, 1))
+    if pattern is None:  # a valid edit (the file stays loadable)
+        Schedule.from_file(path)
+        return
     with pytest.raises(ScheduleError, match=pattern) as info:
         Schedule.from_file(path)
     assert str(path) in str(info.value)
@@ -111,6 +191,45 @@ def test_missing_knob_is_an_error_naming_it(tmp_path):
     with pytest.raises(ScheduleError, match=r"lacks knob\(s\) \['q_threads'\]") as info:
         schedule.plan(spec(G=16))
     assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("make,knob", [(cmp_spec, "keys"), (lambda: cmp_spec(phase="bwd"), "q_split")])
+def test_missing_dense_knob_is_an_error_naming_it(tmp_path, make, knob):
+    path = _schedule(tmp_path, BASE.replace(f"\n{knob} = ", f"\n# {knob} = ", 1))
+    with pytest.raises(ScheduleError, match=rf"\[knobs.dense\].*lacks knob\(s\) \['{knob}'\]") as info:
+        Schedule.from_file(path).plan(make())
+    assert str(path) in str(info.value)
+
+
+def test_branch_outside_supports_is_unsupported(tmp_path):
+    schedule = Schedule.from_file(_schedule(tmp_path, BASE.replace('branch = ["slc", "cmp", "swa", "sel"]',
+                                                                   'branch = ["slc", "cmp"]', 1)))
+    schedule.plan(cmp_spec())
+    with pytest.raises(UnsupportedSpec, match=r"KernelSpec\.branch='swa' is not supported.*branch must be one of"):
+        schedule.plan(cmp_spec(branch="swa"))
+
+
+def test_rules_for_other_branches_are_skipped(tmp_path):
+    """A rule whose loop order cannot run the spec's branch never gives its plan."""
+    text = BASE.replace("[[rules]]", '[[rules]]\nwhen = { phase = "fwd" }\nloop_order = "kv_outer"\n\n[[rules]]', 1)
+    schedule = Schedule.from_file(_schedule(tmp_path, text))
+    assert schedule.plan(spec(G=16)).loop_order == "kv_outer"  # the new first rule
+    assert schedule.plan(cmp_spec()).loop_order == "dense"
+    assert schedule.plan(sel_spec()).loop_order == "dense"
+    # no rule for the dense branches: unsupported, not a plan of a loop order they cannot use
+    text = BASE.replace('when = { branch = ["cmp", "swa", "sel"] }\nloop_order = "dense"\n',
+                        'when = { phase = "fwd" }\nloop_order = "kv_outer"\n', 1)
+    schedule = Schedule.from_file(_schedule(tmp_path, text))
+    with pytest.raises(UnsupportedSpec, match=r"no rule of schedule sm99 .* matches cmp_fwd"):
+        schedule.plan(cmp_spec())
+    # a forced loop order without a matching rule takes the defaults, if the branch can use it
+    assert schedule.plan(cmp_spec(), loop_order="dense").knob("keys") == 64
+    with pytest.raises(UnsupportedSpec, match=r"loop_order='kv_outer' cannot run branch 'cmp'"):
+        schedule.plan(cmp_spec(), loop_order="kv_outer")
+
+
+def test_knob_table_covers_the_kernels():
+    assert {k for knobs in REQUIRED_KNOBS.values() for k in knobs} <= set(KNOBS)
 
 
 def test_rule_knob_overrides(tmp_path):
