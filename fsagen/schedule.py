@@ -14,14 +14,14 @@ from fsagen.errors import NoGPU, ScheduleError, UnsupportedSpec
 from fsagen.paths import schedules_dir
 from fsagen.spec import BRANCHES, KernelSpec, read_toml, canonical_key
 
-LOOP_ORDERS = ("kv_outer", "q_outer", "dense")
+LOOP_ORDERS = ("kv_outer", "q_outer", "dense", "sel")
 # The loop orders (program families, fsagen/kernels) that can run each branch: the selected blocks
-# in either order; the contiguous key ranges of cmp and swa, and sel's scores, by the dense programs.
+# in either order; the contiguous key ranges of cmp and swa by the dense programs; sel by its own.
 BRANCH_LOOP_ORDERS = {
     "slc": ("kv_outer", "q_outer"),
     "cmp": ("dense",),
     "swa": ("dense",),
-    "sel": ("dense",),
+    "sel": ("sel",),
 }
 # Every knob a schedule may set, its type, and a rule each value must keep.  Which knobs a plan
 # needs is the kernels' business: fsagen.kernels.REQUIRED_KNOBS[(loop_order, phase)].

@@ -1,5 +1,5 @@
-"""The real slc programs compile for sm_90a on this (GPU-less) machine, every stage of both loop
-orders, for the grid's `ci` subset. No run: the numerics are checked by tests/gpu on the H100.
+"""The real programs compile for sm_90a on this (GPU-less) machine, every stage of every loop
+order a branch can use, for the grid's `ci` subset. No run: the numerics are checked by tests/gpu on the H100.
 
 Slow-ish (a TileLang + nvcc compile per stage), so each (spec, loop order) builds once, in a
 process pool, into a temporary artifact root through the same path as `fsagen build`.
@@ -14,7 +14,7 @@ from fsagen.kernels import stage_names
 from fsagen.schedule import load_schedule
 from fsagen.spec import load_grid
 
-CASES = [(spec, order) for spec in load_grid(subset="ci") for order in ("kv_outer", "q_outer")]
+CASES = [(spec, order) for spec in load_grid(subset="ci") for order in load_schedule("sm90").loop_orders_for(spec.branch)]
 
 
 def _build(args):
@@ -44,6 +44,6 @@ def test_every_stage_compiles_for_sm90a(built, spec, order):
         assert os.path.getsize(os.path.join(path, info["library"])) > 0
         source = open(os.path.join(path, info["source"])).read()
         assert "__global__" in source
-        if stage.startswith("kv_"):
-            # the KV-outer tiles are 64+ rows: they must use Hopper's warpgroup MMA
+        if stage.startswith(("kv_", "dense_", "sel_")):
+            # these tiles are 64+ rows: they must use Hopper's warpgroup MMA
             assert "wgmma" in source, f"{stage}: no wgmma in the generated code"

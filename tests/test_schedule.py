@@ -29,7 +29,8 @@ def test_branch_loop_orders_cover_every_branch():
     for branch, orders in BRANCH_LOOP_ORDERS.items():
         assert orders and set(orders) <= set(LOOP_ORDERS), branch
     # the kernels read knobs for every (loop order, phase) a branch can reach
-    assert {(o, p) for orders in BRANCH_LOOP_ORDERS.values() for o in orders for p in ("fwd", "bwd")} <= set(
+    phases = {b: ("fwd",) if b == "sel" else ("fwd", "bwd") for b in BRANCHES}
+    assert {(o, p) for b, orders in BRANCH_LOOP_ORDERS.items() for o in orders for p in phases[b]} <= set(
         REQUIRED_KNOBS)
     assert set(SM90.loop_orders) == set(LOOP_ORDERS)
     assert {b: SM90.loop_orders_for(b) for b in BRANCHES} == BRANCH_LOOP_ORDERS
@@ -66,14 +67,20 @@ def test_sm90_rules(G, bs, phase, order):
     cmp_spec(branch="swa", phase="bwd", G=1), sel_spec(), sel_spec(block_size=128, kernel_size=64, stride=32, topk=8),
 ], ids=lambda s: s.name.split("-")[0])
 def test_sm90_dense_rule(s):
+    """The tuned knobs of sm90.toml's cmp / swa / sel rules (see the measurements quoted there)."""
     plan = SM90.plan(s)
-    assert plan.loop_order == "dense"
-    assert [k for k, _ in plan.knobs] == sorted(REQUIRED_KNOBS[("dense", s.phase)])
-    assert plan.knob("rows") == 64 and plan.knob("keys") == 64
+    order = "sel" if s.branch == "sel" else "dense"
+    assert plan.loop_order == order
+    assert [k for k, _ in plan.knobs] == sorted(REQUIRED_KNOBS[(order, s.phase)])
+    big = s.branch == "cmp"
+    assert plan.knob("rows") == (128 if big else 64) and plan.knob("keys") == (128 if big else 64)
     if s.phase == "bwd":
-        assert plan.knob("bwd_threads") == 128 and plan.knob("q_split") == 0
+        assert plan.knob("bwd_threads") == (256 if big else 128)
+        assert plan.knob("q_split") == (4096 if big else 0)
     else:
-        assert plan.knob("threads") == 128 and plan.knob("num_stages") == 2
+        assert plan.knob("threads") == (256 if big else 128)
+        if s.branch != "sel":
+            assert plan.knob("num_stages") == 2
 
 
 def test_sm90_rule_knob_override():
@@ -152,7 +159,7 @@ def _schedule(tmp_path, text) -> Path:
     (("num_stages = 2\n\n[knobs.q_outer]", "num_stages = true\n\n[knobs.q_outer]"), r"knob 'num_stages' must be int"),
     (("rows = 64", "rows = 60"), r"knob 'rows'=60 must be a positive multiple of 16"),
     (("[knobs.q_outer]", "[knobs.diag]\nthreads = 1\n[knobs.q_outer]"), r"\[knobs.diag\]: unknown loop order"),
-    (('loop_order = "q_outer"', 'loop_order = "diag"'), r"\[\[rules\]\] #4: loop_order='diag'"),
+    (('loop_order = "q_outer"', 'loop_order = "diag"'), r"\[\[rules\]\] #6: loop_order='diag'"),
     (('when = { branch = "slc", phase = "fwd" }', "when = { heads = 8 }"), r"unknown KernelSpec field 'heads'"),
     (("keys = 64", "keys = 40"), r"\[knobs.dense\]: knob 'keys'=40 must be a positive multiple of 16"),
     (("keys = 64", "keys = 0"), r"\[knobs.dense\]: knob 'keys'=0 must be a positive multiple of 16"),
@@ -162,14 +169,13 @@ def _schedule(tmp_path, text) -> Path:
      r"\[supports.sel\]: block_size range must have only 'min' and/or 'max'"),
     (("[supports]", "[supports]\nslcx = [64]"), r"\[supports\]: unknown KernelSpec field 'slcx'"),
     (("[supports]", "[supports]\nswa = [64]"), r"\[supports.swa\] must be a table of conditions"),
-    (('when = { branch = ["cmp", "swa", "sel"] }', 'when = { branch = "cmp" }\nknobs = {}'), None),
-    (('when = { branch = ["cmp", "swa", "sel"] }\nloop_order = "dense"',
-      'when = { branch = "cmp" }\nloop_order = "kv_outer"'),
+    (('when = { branch = "swa" }', 'when = { branch = "swa" }\nknobs = {}'), None),
+    (('when = { branch = "cmp" }\nloop_order = "dense"', 'when = { branch = "cmp" }\nloop_order = "kv_outer"'),
      r"\[\[rules\]\] #1: loop_order='kv_outer' cannot run branch\(es\) \['cmp'\]"),
     (('when = { branch = "slc", phase = "fwd" }', 'when = { branch = ["sel", "swa"], phase = "fwd" }'),
-     r"\[\[rules\]\] #4: loop_order='q_outer' cannot run branch\(es\) \['swa', 'sel'\]"),
-    (('when = { branch = ["cmp", "swa", "sel"] }', 'when = { branch = ["cmp", "swab"] }'), None),
-    (('when = { branch = ["cmp", "swa", "sel"] }', 'when = { branch = "cmpx" }'),
+     r"\[\[rules\]\] #6: loop_order='q_outer' cannot run branch\(es\) \['swa', 'sel'\]"),
+    (('when = { branch = "cmp" }', 'when = { branch = ["cmp", "swab"] }'), None),
+    (('when = { branch = "cmp" }', 'when = { branch = "cmpx" }'),
      r"\[\[rules\]\] #1: when branch == 'cmpx' matches no branch"),
     (("[target]", "[targets]\n[target]"), r"unknown table"),
 ])
@@ -193,7 +199,8 @@ def test_missing_knob_is_an_error_naming_it(tmp_path):
     assert str(path) in str(info.value)
 
 
-@pytest.mark.parametrize("make,knob", [(cmp_spec, "keys"), (lambda: cmp_spec(phase="bwd"), "q_split")])
+@pytest.mark.parametrize("make,knob", [(lambda: cmp_spec(branch="swa"), "keys"),
+                                       (lambda: cmp_spec(branch="swa", phase="bwd"), "q_split")])
 def test_missing_dense_knob_is_an_error_naming_it(tmp_path, make, knob):
     path = _schedule(tmp_path, BASE.replace(f"\n{knob} = ", f"\n# {knob} = ", 1))
     with pytest.raises(ScheduleError, match=rf"\[knobs.dense\].*lacks knob\(s\) \['{knob}'\]") as info:
@@ -215,10 +222,10 @@ def test_rules_for_other_branches_are_skipped(tmp_path):
     schedule = Schedule.from_file(_schedule(tmp_path, text))
     assert schedule.plan(spec(G=16)).loop_order == "kv_outer"  # the new first rule
     assert schedule.plan(cmp_spec()).loop_order == "dense"
-    assert schedule.plan(sel_spec()).loop_order == "dense"
-    # no rule for the dense branches: unsupported, not a plan of a loop order they cannot use
-    text = BASE.replace('when = { branch = ["cmp", "swa", "sel"] }\nloop_order = "dense"\n',
-                        'when = { phase = "fwd" }\nloop_order = "kv_outer"\n', 1)
+    assert schedule.plan(sel_spec()).loop_order == "sel"
+    # no rule for cmp: unsupported, not a plan of a loop order it cannot use
+    cmp_rule = BASE[BASE.index('when = { branch = "cmp" }'):BASE.index("[[rules]]", BASE.index('branch = "cmp"'))]
+    text = BASE.replace(cmp_rule, 'when = { phase = "fwd" }\nloop_order = "kv_outer"\n\n', 1)
     schedule = Schedule.from_file(_schedule(tmp_path, text))
     with pytest.raises(UnsupportedSpec, match=r"no rule of schedule sm99 .* matches cmp_fwd"):
         schedule.plan(cmp_spec())

@@ -8,8 +8,8 @@ Program families ("loop orders" in a schedule):
 * ``kv_outer`` / ``q_outer``: the two orders of the selected-block branch (``slc.py``).
 * ``dense``: attention over a *contiguous* key range per query (``dense.py``): the compressed
   branch (cmp, keys are compressed tokens) and the sliding window (swa) share one program whose
-  mask is the branch's key range; ``sel`` (block scores for top-k selection, ``select.py``)
-  re-reads cmp's tiles the same way.
+  mask is the branch's key range.
+* ``sel``: top-k block selection (``select.py``), re-reading cmp's tiles the same way.
 """
 
 # Knobs each (loop order, phase) reads from its plan. The schedule layer validates plans against
@@ -21,6 +21,7 @@ REQUIRED_KNOBS = {
     ("q_outer", "bwd"): ("q_threads", "num_stages", "bulk_copy", "rows", "tiles_per_item", "bwd_threads"),
     ("dense", "fwd"): ("rows", "keys", "threads", "num_stages"),
     ("dense", "bwd"): ("rows", "keys", "bwd_threads", "num_stages", "q_split"),
+    ("sel", "fwd"): ("rows", "keys", "threads"),
 }
 
 _DTYPES = {"bfloat16": "bfloat16", "float16": "float16"}
