@@ -161,7 +161,8 @@ def _clear_rows(scores, cu, bs, topk, init, local, margin):
         n_forced = (forced & (j <= own)).sum(-1)
         free = (topk - n_forced).clamp(min=0)  # slots left for scored blocks
         srt = key.sort(dim=-1, descending=True).values
-        srt = torch.cat([srt, srt.new_full((*srt.shape[:-1], 1), -1.0)], -1)
+        # -1 padding: a row with fewer candidates than free slots reads -1 ("no competitor")
+        srt = torch.cat([srt, srt.new_full((*srt.shape[:-1], topk + 1), -1.0)], -1)
         kth = srt.gather(-1, (free - 1).clamp(min=0)[None, :, None].expand(sc.shape[0], -1, 1)).squeeze(-1)
         nxt = srt.gather(-1, free[None, :, None].expand(sc.shape[0], -1, 1)).squeeze(-1)
         scale = srt[..., :1].squeeze(-1).clamp(min=1e-30)
