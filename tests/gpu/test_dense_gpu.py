@@ -139,7 +139,7 @@ def _reference_block_scores(p_list, cu, ks, s, bs):
     for b, p in enumerate(p_list):
         length = bounds[b + 1] - bounds[b]
         lc = p.shape[-1]
-        grouped = p.reshape(HKV, -1, length, lc).sum(1)
+        grouped = p.reshape(HKV, p.shape[0] // HKV, length, lc).sum(1)
         w = selection_weights(lc, -(-length // bs), ks, s, bs, device=p.device)
         out.append(grouped @ w)
     return out
