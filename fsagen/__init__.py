@@ -12,6 +12,8 @@ _PUBLIC = {
     "sliding_window_attention": "fsagen.ops_dense",
     "select_blocks": "fsagen.ops_dense",
     "compress": "fsagen.compression",
+    "nsa_attention": "fsagen.nsa",
+    "NativeSparseAttention": "fsagen.nn",
 }
 
 
