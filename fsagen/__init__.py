@@ -14,6 +14,7 @@ _PUBLIC = {
     "compress": "fsagen.compression",
     "nsa_attention": "fsagen.nsa",
     "NativeSparseAttention": "fsagen.nn",
+    "NSASpec": "fsagen.spec",
 }
 
 
