@@ -146,7 +146,7 @@ def selected_attention(
     order = "auto" if loop_order is None else loop_order
     if order not in LOOP_ORDERS:
         raise ValueError(f"loop_order: must be None or one of {LOOP_ORDERS}, got {loop_order!r}")
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    needs_grad = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in (q, k, v))
     check_slc_inputs(
         q, k, v, topk_idx, cu_seqlens, block_size, scale,
         check_index_values=check_indices,

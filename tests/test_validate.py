@@ -113,3 +113,17 @@ def test_schedule_rejects_unsupported_spec(field, value):
     with pytest.raises(UnsupportedSpec):
         check_slc_inputs(**a, arch="sm90", phases=("fwd", "bwd"))
     check_slc_inputs(**a, check_index_values=False)  # CPU, no arch given: schedule not asked
+
+
+@pytest.mark.parametrize("arg", ["q", "k", "v"])
+def test_non_tensor_input_reaches_the_type_check(arg):
+    """selected_attention must name the argument, not fail reading .requires_grad of a list."""
+    import fsagen
+
+    args = dict(q=torch.zeros(4, 2, 8, dtype=torch.bfloat16), k=torch.zeros(4, 1, 8, dtype=torch.bfloat16),
+                v=torch.zeros(4, 1, 8, dtype=torch.bfloat16))
+    args[arg] = [[0.0]]
+    idx = torch.zeros(1, 4, 1, dtype=torch.int32)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(TypeError, match=rf"^{arg}: must be a torch.Tensor"):
+        fsagen.selected_attention(args["q"], args["k"], args["v"], idx, 4, cu)
