@@ -27,6 +27,7 @@ import torch
 from fsagen.reference_cmp import COMPRESS_KINDS, COMPRESS_OPTIONAL, COMPRESS_REQUIRED, compress_param_shapes
 from fsagen.slc_index import token_sequence
 from fsagen.validate import check_tensor, fail
+from fsagen.validate_dense import expected_cu_seqlens_cmp
 
 __all__ = ["compress", "COMPRESS_DTYPES"]
 
@@ -105,10 +106,8 @@ def _compressed_offsets(cu_seqlens: torch.Tensor, n: int, kernel_size: int, stri
     """``(cu int64, cu_cmp int64, Nc)``: the compressed offsets, built on the device, and their
     total, read on the host together with the value checks of ``cu_seqlens`` (one sync)."""
     cu = cu_seqlens.long()
-    lens = cu[1:] - cu[:-1]
-    lc = torch.where(lens >= kernel_size, (lens - kernel_size) // stride + 1, torch.zeros_like(lens))
-    cu_cmp = torch.cat([lc.new_zeros(1), torch.cumsum(lc, 0)])
-    decreasing = lens < 0
+    cu_cmp = expected_cu_seqlens_cmp(cu, kernel_size, stride).long()
+    decreasing = cu[1:] < cu[:-1]
     first, last, any_decreasing, total = torch.stack([cu[0], cu[-1], decreasing.any().long(), cu_cmp[-1]]).tolist()
     if first != 0:
         fail(ValueError, "cu_seqlens", "must start at 0", f"cu_seqlens[0]={first}")

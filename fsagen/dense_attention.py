@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .glue import DTYPE_NAMES, alloc, plan_and_kernel
+from .glue import alloc, kernel_spec, plan_and_kernel
 from .tile_index import seq_tiles
 
 LN2 = math.log(2.0)
@@ -73,19 +73,12 @@ def query_span(branch, num_queries, arg_a, keys):
     return num_queries if branch == "cmp" else min(num_queries, arg_a + keys)
 
 
-def _spec(branch, phase, q, k):
-    from .spec import KernelSpec
-
-    return KernelSpec(branch=branch, phase=phase, G=q.shape[1] // k.shape[1], D=q.shape[2],
-                      block_size=0, topk=0, dtype=DTYPE_NAMES[q.dtype])
-
-
 def forward(branch, q, k, v, cu_q, cu_k, arg_a, arg_b, scale):
-    kern, plan = plan_and_kernel(_spec(branch, "fwd", q, k))
+    kern, plan = plan_and_kernel(kernel_spec(branch, "fwd", q, k))
     return dense_forward(kern, plan, q, k, v, cu_q, cu_k, arg_a, arg_b, scale)
 
 
 def backward(branch, do, q, k, v, o, lse, cu_q, cu_k, arg_a, arg_b, scale):
-    kern, plan = plan_and_kernel(_spec(branch, "bwd", q, k))
+    kern, plan = plan_and_kernel(kernel_spec(branch, "bwd", q, k))
     span = query_span(branch, q.shape[0], arg_a, plan.knob("keys"))
     return dense_backward(kern, plan, do, q, k, v, o, lse, cu_q, cu_k, arg_a, arg_b, scale, span)

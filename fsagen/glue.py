@@ -1,10 +1,9 @@
 """Helpers shared by the branches' dispatch glue (slc, cmp/swa, sel): output allocation, the
-schedule's plan and compiled kernel for a spec, and kv-head chunking of float32 buffers."""
+KernelSpec of some inputs, the schedule's plan and compiled kernel for a spec, and kv-head
+chunking of float32 buffers."""
 import os
 
 import torch
-
-DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def alloc(shape, dtype, device):
@@ -14,13 +13,31 @@ def alloc(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def plan_and_kernel(spec, loop_order=None):
-    """(compiled kernel, plan) the current device's schedule gives ``spec``."""
-    from .cache import get_kernel
+def kernel_spec(branch, phase, q, k, **fields):
+    """The KernelSpec of one kernel of ``branch`` for inputs q ``[N, Hq, D]`` and k ``[Nk, Hkv, D]``;
+    ``fields`` are the branch's other KernelSpec fields (block_size and topk default to 0)."""
+    from .spec import KernelSpec
+    from .validate import dtype_name
+
+    values = dict(block_size=0, topk=0)
+    values.update((name, int(value)) for name, value in fields.items())  # numpy ints pass the op checks
+    return KernelSpec(branch=branch, phase=phase, G=int(q.shape[1] // k.shape[1]), D=int(q.shape[2]),
+                      dtype=dtype_name(q.dtype), **values)
+
+
+def plan_for(spec, loop_order=None):
+    """(plan, arch) the current device's schedule gives ``spec``; loads nothing."""
     from .schedule import detect_arch, load_schedule
 
     arch = detect_arch()
-    plan = load_schedule(arch).plan(spec, loop_order=loop_order)
+    return load_schedule(arch).plan(spec, loop_order=loop_order), arch
+
+
+def plan_and_kernel(spec, loop_order=None):
+    """(compiled kernel, plan) the current device's schedule gives ``spec``."""
+    from .cache import get_kernel
+
+    plan, arch = plan_for(spec, loop_order)
     return get_kernel(spec, plan, arch), plan
 
 

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from .glue import DTYPE_NAMES, plan_and_kernel
+from .glue import kernel_spec, plan_and_kernel
 from .tile_index import seq_tiles
 
 LN2 = math.log(2.0)
@@ -31,10 +31,7 @@ def select_forward(kern, plan, q, k_cmp, lse, cu_q, cu_k, topk, init_blocks, loc
 
 def select(q, k_cmp, lse, cu_q, cu_k, kernel_size, stride, block_size, topk, init_blocks, local_blocks,
            scale):
-    from .spec import KernelSpec
-
-    spec = KernelSpec(branch="sel", phase="fwd", G=q.shape[1] // k_cmp.shape[1], D=q.shape[2],
-                      block_size=block_size, topk=topk, dtype=DTYPE_NAMES[q.dtype],
-                      kernel_size=kernel_size, stride=stride)
+    spec = kernel_spec("sel", "fwd", q, k_cmp, block_size=block_size, topk=topk,
+                       kernel_size=kernel_size, stride=stride)
     kern, plan = plan_and_kernel(spec)
     return select_forward(kern, plan, q, k_cmp, lse, cu_q, cu_k, topk, init_blocks, local_blocks, scale)

@@ -9,48 +9,33 @@ processed in chunks so that those buffers and the block index stay under ``FSAGE
 budget does not bound (512 MiB at N = 65536, G = 16, D = 128).
 """
 import math
-import os
 
 import torch
 
+from .glue import alloc, head_chunks, kernel_spec, plan_and_kernel, plan_for as _plan_for_spec
 from .slc_index import build_block_index, token_layout
 
 LN2 = math.log(2.0)
-_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def _alloc(shape, dtype, device):
-    """Output buffers: NaN-poisoned when FSAGEN_POISON=1 so an unwritten element cannot pass a test."""
-    if os.environ.get("FSAGEN_POISON") == "1":
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+def _spec(q, k, topk_idx, block_size, phase):
+    return kernel_spec("slc", phase, q, k, block_size=block_size, topk=topk_idx.shape[2])
 
 
 def plan_for(q, k, topk_idx, block_size, phase, loop_order=None):
     """(spec, plan, arch) the schedule picks for these inputs; loads nothing."""
-    from .schedule import detect_arch, load_schedule
-    from .spec import KernelSpec
-
-    spec = KernelSpec(branch="slc", phase=phase, G=q.shape[1] // k.shape[1], D=q.shape[2],
-                      block_size=block_size, topk=topk_idx.shape[2], dtype=_DTYPE_NAMES[q.dtype])
-    arch = detect_arch()
-    return spec, load_schedule(arch).plan(spec, loop_order=loop_order), arch
+    spec = _spec(q, k, topk_idx, block_size, phase)
+    return (spec, *_plan_for_spec(spec, loop_order))
 
 
 def _kernel(q, k, topk_idx, block_size, phase, loop_order):
-    from .cache import get_kernel
-
-    spec, plan, arch = plan_for(q, k, topk_idx, block_size, phase, loop_order)
-    return get_kernel(spec, plan, arch), plan
+    return plan_and_kernel(_spec(q, k, topk_idx, block_size, phase), loop_order)
 
 
 def _head_chunks(num_tokens, num_kv_heads, topk, acc_floats_per_head_token):
-    """Ranges of kv heads processed together: their float32 buffers (``acc_floats_per_head_token``
-    per token and kv head) and block index (~32 bytes an entry) fit ``FSAGEN_CHUNK_BYTES``."""
-    budget = int(os.environ.get("FSAGEN_CHUNK_BYTES", 512 << 20))
-    per_head = num_tokens * (acc_floats_per_head_token * 4 + topk * 32)
-    step = max(1, min(num_kv_heads, budget // max(per_head, 1)))
-    return [(lo, min(num_kv_heads, lo + step)) for lo in range(0, num_kv_heads, step)]
+    """Kv-head ranges whose float32 buffers (``acc_floats_per_head_token`` per token and kv head)
+    and block index (~32 bytes an entry) fit ``FSAGEN_CHUNK_BYTES`` (``glue.head_chunks``)."""
+    return head_chunks(num_kv_heads, num_tokens * (acc_floats_per_head_token * 4 + topk * 32))
 
 
 def slc_forward(q, k, v, topk_idx, cu_seqlens, block_size, scale, loop_order=None):
@@ -58,8 +43,8 @@ def slc_forward(q, k, v, topk_idx, cu_seqlens, block_size, scale, loop_order=Non
     Hkv, Dv = k.shape[1], v.shape[2]
     G, topk = Hq // Hkv, topk_idx.shape[2]
     kern, plan = _kernel(q, k, topk_idx, block_size, "fwd", loop_order)
-    o = _alloc((N, Hq, Dv), q.dtype, q.device)
-    lse = _alloc((N, Hq), torch.float32, q.device)
+    o = alloc((N, Hq, Dv), q.dtype, q.device)
+    lse = alloc((N, Hq), torch.float32, q.device)
     if N == 0:
         return o, lse
     layout = token_layout(cu_seqlens, N, block_size)
@@ -89,9 +74,9 @@ def slc_backward(do, q, k, v, o, lse, topk_idx, cu_seqlens, block_size, scale, l
     Hkv, Dv = k.shape[1], v.shape[2]
     G, topk = Hq // Hkv, topk_idx.shape[2]
     kern, plan = _kernel(q, k, topk_idx, block_size, "bwd", loop_order)
-    dq = _alloc(q.shape, q.dtype, q.device)
+    dq = alloc(q.shape, q.dtype, q.device)
     if N == 0:
-        return dq, _alloc(k.shape, k.dtype, k.device), _alloc(v.shape, v.dtype, v.device)
+        return dq, alloc(k.shape, k.dtype, k.device), alloc(v.shape, v.dtype, v.device)
     layout = token_layout(cu_seqlens, N, block_size)
     delta = torch.empty((N, Hq), dtype=torch.float32, device=q.device)
     kern["row_dot"](do, o, delta)

@@ -11,8 +11,8 @@ import numbers
 
 import torch
 
-from fsagen.validate import (SUPPORTED_DTYPES, check_cu_seqlens, check_plans, check_scale, check_tensor,
-                             dtype_name, fail, index_checks_possible)
+from fsagen.validate import (SUPPORTED_DTYPES, check_cu_seqlens, check_plans, check_scale, check_tensor, fail,
+                             index_checks_possible)
 
 __all__ = ["check_int", "check_cmp_inputs", "check_swa_inputs", "check_select_inputs",
            "expected_cu_seqlens_cmp"]
@@ -89,14 +89,10 @@ def _check_cmp_offsets_values(cu_seqlens, cu_seqlens_cmp, nc, kernel_size, strid
         fail(ValueError, "k_cmp", f"must have cu_seqlens_cmp[-1]={int(want[-1])} rows", nc)
 
 
-def _specs(branch, q, k, phases, **extra):
-    from fsagen.spec import KernelSpec
+def _specs(branch, q, k, phases, **fields):
+    from fsagen.glue import kernel_spec
 
-    g, d = q.shape[1] // k.shape[1], q.shape[2]
-    fields = dict(block_size=0, topk=0)
-    fields.update((name, int(value)) for name, value in extra.items())  # e.g. numpy ints pass check_int
-    return [KernelSpec(branch=branch, phase=p, G=int(g), D=int(d), dtype=dtype_name(q.dtype), **fields)
-            for p in phases]
+    return [kernel_spec(branch, phase, q, k, **fields) for phase in phases]
 
 
 def check_cmp_inputs(q, k_cmp, v_cmp, cu_seqlens, cu_seqlens_cmp, kernel_size, stride, scale, *,
