@@ -40,22 +40,23 @@ def window_weights(block_size: int, kernel_size: int, stride: int) -> list[tuple
 
 
 def make_topk_insert(topk: int):
-    """Insert (value, block) into a descending register list; equal values keep their order."""
+    """Insert (value, block) into a descending register list, branch-free: position i takes the
+    old entry i-1 if that one is below ``value``, else ``value`` if the old entry i is below it,
+    else keeps its entry. Equal values keep their order (a newcomer goes after them), and a value
+    not above the last entry changes nothing. Branch-free because the query threads of a warp
+    insert at different times: a branchy bubble would run for the whole warp whenever one
+    thread needs it."""
 
     @T.macro
     def insert(top_v, top_i, value, block):
-        if value > top_v[topk - 1]:
-            top_v[topk - 1] = value
-            top_i[topk - 1] = block
-            for s in T.unroll(topk - 1):
-                i = topk - 1 - s
-                if top_v[i] > top_v[i - 1]:
-                    tv = top_v[i]
-                    ti = top_i[i]
-                    top_v[i] = top_v[i - 1]
-                    top_i[i] = top_i[i - 1]
-                    top_v[i - 1] = tv
-                    top_i[i - 1] = ti
+        for s in T.unroll(topk - 1):
+            i = topk - 1 - s
+            top_i[i] = T.if_then_else(top_v[i - 1] < value, top_i[i - 1],
+                                      T.if_then_else(top_v[i] < value, block, top_i[i]))
+            top_v[i] = T.if_then_else(top_v[i - 1] < value, top_v[i - 1],
+                                      T.if_then_else(top_v[i] < value, value, top_v[i]))
+        top_i[0] = T.if_then_else(top_v[0] < value, block, top_i[0])
+        top_v[0] = T.if_then_else(top_v[0] < value, value, top_v[0])
 
     return insert
 
@@ -81,11 +82,20 @@ def make_sort_ascending(topk: int):
 
 def sel_topk(G: int, D: int, dtype: str, block_size: int, kernel_size: int, stride: int,
              topk: int, rows: int, keys: int, threads: int):
-    """The key loop is not software-pipelined. Measured on the H100 (N=65536, Hkv=4, D=128,
-    2026-11-22): a warp-specialised ``T.Pipelined`` (with TileLang's own barriers; explicit
-    ``__syncthreads`` there hangs, the producer warps never reach it) took 8.5 / 26.3 / 84.4 ms at
-    G = 1 / 4 / 16 against 3.7 / 8.9 / 29.8 ms for this plain loop; pipelining without warp
-    specialisation does not lower (non-constant trip count)."""
+    """Measured on the H100 (N=65536, Hkv=4, D=128, bf16, 2026-11-22; ms at G = 1 / 4 / 16):
+
+    * the key loop is not software-pipelined: a warp-specialised ``T.Pipelined`` took 8.5 / 26.3 /
+      84.4 against 3.7 / 8.9 / 29.8 for the plain loop (explicit ``__syncthreads`` inside it hangs;
+      pipelining without warp specialisation does not lower, non-constant trip count), and a
+      hand-made cp.async double buffer of the key tile was slower too (4.6 / 9.9 / 32.8: the
+      second buffer costs a CTA per SM, and occupancy hides more latency than the prefetch);
+    * the top-k update inserts only the tile's candidates (blocks above the current k-th score,
+      one per round of a popcount loop) with a branch-free insertion, block scores are stored
+      block-major (conflict-free reads by the query threads), per-row key limits are computed
+      once per tile row and, at G = 1, the probabilities go straight to the fold buffer:
+      3.65 / 8.76 / 30.5 -> 2.1 / 6.9 / 23.9. What remains is mostly the float32 shared-memory
+      round trip of the probabilities (the group sum) and the per-element masking.
+    """
     if rows % G:
         raise ValueError(f"sel_topk: rows={rows} must be a multiple of G={G}")
     m, r = block_size // stride, kernel_size // stride
@@ -98,6 +108,8 @@ def sel_topk(G: int, D: int, dtype: str, block_size: int, kernel_size: int, stri
     # ext columns: HALO_A carried tokens (only the last r - 1 are weighted), then the tile's BN;
     # at least one so the carry copy has a fixed, valid shape when r == 1.
     HALO_A, NBT = max(r - 1, 1), keys // m
+    if NBT > 32:
+        raise ValueError(f"sel_topk: keys={keys} cover {NBT} blocks per tile; the candidate mask holds 32")
     weights = window_weights(block_size, kernel_size, stride)
     _, hi = key_range("cmp")
     N, NK, HQ, HKV, NT, B1 = T.dynamic("N, NK, HQ, HKV, NT, B1")
@@ -108,6 +120,14 @@ def sel_topk(G: int, D: int, dtype: str, block_size: int, kernel_size: int, stri
 
     def group_sum(P, q, c):
         return functools.reduce(operator.add, [P[q * G + g, c] for g in range(G)])
+
+    def prob(acc_s, row_hi, row_lse2, rr, c, j0, sm_scale):
+        # cmp's probability of row rr for key column c of the tile at j0 (0 where not visible)
+        return T.if_then_else(j0 + c < row_hi[rr], T.exp2(acc_s[rr, c] * (sm_scale * LOG2E) - row_lse2[rr]), 0)
+
+    def block_score(blk, own, score, init_blocks, local_blocks):
+        # forced blocks (the first init_blocks, the own one and the local_blocks - 1 before it)
+        return T.if_then_else((blk < init_blocks) | (blk > own - local_blocks), T.infinity(ACCUM), score)
 
     def block_sum(ext, q, jj):
         return functools.reduce(operator.add, [ext[q, HALO_A + jj * m + u] * float(w) for u, w in weights])
@@ -130,12 +150,21 @@ def sel_topk(G: int, D: int, dtype: str, block_size: int, kernel_size: int, stri
             K_s = T.alloc_shared((BN, D), dtype)
             row_tok = T.alloc_shared((R,), INDEX)
             row_lse2 = T.alloc_shared((R,), ACCUM)
+            row_hi = T.alloc_shared((R,), INDEX)  # the row's visible keys end here (0: dead row)
+            q0 = T.alloc_var(INDEX)  # per-CTA scalars held in registers, not re-read per use
+            k0 = T.alloc_var(INDEX)
+            p1 = T.alloc_var(INDEX)
+            k_hi = T.alloc_var(INDEX)
             acc_s = T.alloc_fragment((R, BN), ACCUM)
-            P_s = T.alloc_shared((R, BN), ACCUM)
+            # +4 columns: the accumulator fragment's rows land on distinct banks when stored
+            P_s = T.alloc_shared((R, BN + 4) if G > 1 else (1, 1), ACCUM)
             ext = T.alloc_shared((BQ, HALO_A + BN), ACCUM)
-            blk_s = T.alloc_shared((BQ, NBT), ACCUM)
+            blk_s = T.alloc_shared((NBT, BQ), ACCUM)
             top_v = T.alloc_local((topk,), ACCUM)
             top_i = T.alloc_local((topk,), INDEX)
+            cand = T.alloc_var(INDEX)
+            jsel = T.alloc_var(INDEX)
+            ncand = T.alloc_var(INDEX)
             tx = T.get_thread_binding()
 
             seq = tiles[bt, 0]
@@ -148,6 +177,7 @@ def sel_topk(G: int, D: int, dtype: str, block_size: int, kernel_size: int, stri
                 own = (p0 + tx) // block_size
                 for rr in T.Parallel(R):
                     row_tok[rr] = T.if_then_else(p0 + rr // G < p1, q0 + p0 + rr // G, -1)
+                    row_hi[rr] = T.if_then_else(p0 + rr // G < p1, hi(p0 + rr // G, kernel_size, stride), 0)
                 gather_stat(lse2, h, row_tok, row_lse2)
                 gather_q(Q, h, row_tok, Q_s)
                 for q, e in T.Parallel(BQ, HALO_A + BN):
@@ -161,39 +191,42 @@ def sel_topk(G: int, D: int, dtype: str, block_size: int, kernel_size: int, stri
                     T.copy(K[k0 + j0:k0 + j0 + BN, h, :], K_s)
                     T.clear(acc_s)
                     T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                    for rr, c in T.Parallel(R, BN):
-                        P_s[rr, c] = T.if_then_else(
-                            (row_tok[rr] >= 0)
-                            & (j0 + c < k_hi)
-                            & (j0 + c < hi(p0 + rr // G, kernel_size, stride)),
-                            T.exp2(acc_s[rr, c] * (sm_scale * LOG2E) - row_lse2[rr]),
-                            0,
-                        )
-                    for q, c in T.Parallel(BQ, BN):
-                        ext[q, HALO_A + c] = group_sum(P_s, q, c)
-                    for q, jj in T.Parallel(BQ, NBT):
-                        blk_s[q, jj] = block_sum(ext, q, jj)
+                    if G == 1:  # one head: the probabilities are the group sums
+                        for rr, c in T.Parallel(R, BN):
+                            ext[rr, HALO_A + c] = prob(acc_s, row_hi, row_lse2, rr, c, j0, sm_scale)
+                    else:
+                        for rr, c in T.Parallel(R, BN):
+                            P_s[rr, c] = prob(acc_s, row_hi, row_lse2, rr, c, j0, sm_scale)
+                        for q, c in T.Parallel(BQ, BN):
+                            ext[q, HALO_A + c] = group_sum(P_s, q, c)
+                    for jj, q in T.Parallel(NBT, BQ):
+                        blk_s[jj, q] = block_sum(ext, q, jj)
                     for q, e in T.Parallel(BQ, HALO_A):
                         ext[q, e] = ext[q, BN + e]
                     T.sync_threads()
                     if tx < BQ and p0 + tx < p1:
-                        for jj in T.serial(NBT):
-                            blk = j0 // m + jj
-                            if blk <= own:
-                                insert(top_v, top_i,
-                                       T.if_then_else(
-                                           (blk < init_blocks) or (blk > own - local_blocks),
-                                           T.infinity(ACCUM), blk_s[tx, jj]),
-                                       blk)
+                        # the tile's candidates: blocks up to the own one that beat the current
+                        # k-th score; only those are inserted, one candidate per round
+                        cand = 0
+                        for jj in T.unroll(NBT):
+                            cand = cand | T.if_then_else(
+                                (j0 // m + jj <= own)
+                                & (block_score(j0 // m + jj, own, blk_s[jj, tx], init_blocks, local_blocks)
+                                   > top_v[topk - 1]),
+                                T.shift_left(1, jj), 0)
+                        ncand = T.call_extern("int32", "__popc", cand)
+                        for _ in T.serial(ncand):
+                            jsel = T.call_extern("int32", "__ffs", cand) - 1
+                            cand = cand & (cand - 1)
+                            insert(top_v, top_i,
+                                   block_score(j0 // m + jsel, own, blk_s[jsel, tx], init_blocks, local_blocks),
+                                   j0 // m + jsel)
                     T.sync_threads()
                 if tx < BQ and p0 + tx < p1:
                     # blocks up to the query's own that no visible compressed token touches: score 0
                     for x in T.serial(T.max(own + 1 - n_tiles * NBT, 0)):
                         blk = n_tiles * NBT + x
-                        insert(top_v, top_i,
-                               T.if_then_else((blk < init_blocks) or (blk > own - local_blocks),
-                                              T.infinity(ACCUM), 0.0),
-                               blk)
+                        insert(top_v, top_i, block_score(blk, own, 0.0, init_blocks, local_blocks), blk)
                     sort_ascending(top_i)
                     for i in T.unroll(topk):
                         topk_idx[h, q0 + p0 + tx, i] = top_i[i]
