@@ -42,16 +42,22 @@ KINDS = ("mean", "weighted", "linear")
 TOL = 1e-2
 
 
-@pytest.fixture
-def stub_glue(monkeypatch):
-    """The three glue modules replaced by float64-reference stubs; returns the cmp/swa/sel call log."""
+def stub_modules() -> list[types.ModuleType]:
+    """Stand-ins of the three GPU glue modules (fsagen.dense_attention, fsagen.selection, fsagen.slc)
+    computing with the float64 references."""
     dense = types.ModuleType("fsagen.dense_attention")
     dense.forward, dense.backward = test_ops_dense._stub_forward, test_ops_dense._stub_backward
     sel = types.ModuleType("fsagen.selection")
     sel.select = test_ops_dense._stub_select
     slc = types.ModuleType("fsagen.slc")
     slc.slc_forward, slc.slc_backward = test_ops_fake._stub_forward, test_ops_fake._stub_backward
-    for mod in (dense, sel, slc):
+    return [dense, sel, slc]
+
+
+@pytest.fixture
+def stub_glue(monkeypatch):
+    """The three glue modules replaced by float64-reference stubs; returns the cmp/swa/sel call log."""
+    for mod in stub_modules():
         monkeypatch.setitem(sys.modules, mod.__name__, mod)
     test_ops_dense.CALLS.clear()
     return test_ops_dense.CALLS
