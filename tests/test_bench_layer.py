@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from test_nsa_layer import stub_glue  # noqa: F401  (fixture)
+
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -111,3 +113,37 @@ def test_no_gpu_exits_2(bench, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("has a GPU")
     assert bench.main(["--smoke", "--out", str(tmp_path)]) == 2
+
+
+def test_measurements_on_reference_stubs(bench, stub_glue, monkeypatch):
+    """The measuring code (whole layer, dense, every stage fwd and bwd) runs end to end on the CPU with
+    the float64 reference stubs, a fake timer and a CPU SDPA: every row is measured, none errs."""
+    import torch
+    import torch.nn.functional as F
+
+    monkeypatch.setattr(bench, "_peak_extra", lambda fn: (fn(), 0.0)[1])
+    monkeypatch.setattr(bench, "_sdpa_call", lambda name, q4, k4, v4: (
+        lambda: F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, enable_gqa=True), "enable_gqa=True"))
+    calls = []
+
+    def timeit(fn):
+        calls.append(fn())
+        return 1.0
+
+    n, hkv, g, d = 300, 2, 2, 16
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(n, h, d, generator=gen).bfloat16() for h in (g * hkv, hkv, hkv))
+    gates = torch.rand(n, g * hkv, 3, generator=gen).bfloat16()
+    cu = torch.tensor([0, n], dtype=torch.int32)
+    rows, meta = [], dict(N=n, G=g, Hq=g * hkv)
+    bench.bench_layer(rows, timeit, q, k, v, gates, cu, meta)
+    bench.bench_dense(rows, timeit, q, k, v, meta)
+    bench.bench_stages(rows, timeit, q, k, v, gates, cu, meta)
+    assert [r.error for r in rows] == [""] * len(rows)
+    assert {(r.contender, r.stage, r.phase) for r in rows} == (
+        {(c, "layer", p) for c in (bench.FSAGEN, bench.DENSE) for p in bench.PHASES}
+        | {(bench.FSAGEN, s, "fwd") for s in bench.STAGES_FWD} | {(bench.FSAGEN, s, "bwd") for s in bench.STAGES_BWD})
+    assert all(r.ms == 1.0 for r in rows)
+    # the fwd+bwd calls return the gradients of q, k, v (and the gates for fsagen)
+    assert [t.shape for t in calls[1]] == [q.shape, k.shape, v.shape, gates.shape]
+    assert [t.shape for t in calls[3]] == [(1, g * hkv, n, d), (1, hkv, n, d), (1, hkv, n, d)]
