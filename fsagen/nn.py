@@ -165,6 +165,8 @@ class NativeSparseAttention(nn.Module):
             if spec.head_dim % 2:
                 fail(ValueError, "head_dim", "must be even for the rotary embedding (rope_theta given)", spec.head_dim)
             rope_theta = float(rope_theta)
+        if param_dtype is not None and not (isinstance(param_dtype, torch.dtype) and param_dtype.is_floating_point):
+            fail(TypeError, "param_dtype", "must be a floating torch.dtype (e.g. torch.float32) or None", param_dtype)
         self.spec, self.hidden_size, self.rope_theta = spec, int(hidden_size), rope_theta
         self.kernel_dtype = KERNEL_DTYPES[spec.dtype]
         hq, hkv, d = spec.num_q_heads, spec.num_kv_heads, spec.head_dim

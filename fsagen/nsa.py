@@ -135,6 +135,11 @@ def nsa_attention_from_compressed(q: Tensor, k: Tensor, v: Tensor, k_cmp: Tensor
     check_nsa_config(kernel_size=kernel_size, stride=stride, block_size=block_size, topk=topk,
                      init_blocks=init_blocks, local_blocks=local_blocks, window_size=window_size, scale=scale)
     _check_inputs(q, k, v, gates, cu_seqlens, window_size, scale)
+    for name, t in (("k_cmp", k_cmp), ("v_cmp", v_cmp)):  # the ops check the rest (D, dtype, rows, offsets)
+        check_tensor(name, t)
+        if t.dim() != 3 or t.shape[1] != k.shape[1]:
+            fail(ValueError, name, f"must be [Nc, Hkv={k.shape[1]}, D]: compressed keys have k's kv heads",
+                 f"shape {tuple(t.shape)}")
     scale = float(q.shape[-1]) ** -0.5 if scale is None else float(scale)
     o_cmp, lse_cmp = compressed_attention(q, k_cmp, v_cmp, cu_seqlens, cu_seqlens_cmp, kernel_size, stride, scale,
                                           return_lse=True, check_values=check_values)

@@ -25,7 +25,7 @@ import test_ops_dense
 import test_ops_fake
 from fsagen.errors import SpecError, UnsupportedSpec
 from fsagen.nn import NativeSparseAttention, load_nsa_spec
-from fsagen.nsa import PART_NAMES
+from fsagen.nsa import PART_NAMES, compress_kv, nsa_attention_from_compressed
 from fsagen.reference_layer import nsa_layer_reference
 from fsagen.reference_nsa import nsa_attention_reference
 from fsagen.spec import NSASpec
@@ -42,16 +42,22 @@ KINDS = ("mean", "weighted", "linear")
 TOL = 1e-2
 
 
-@pytest.fixture
-def stub_glue(monkeypatch):
-    """The three glue modules replaced by float64-reference stubs; returns the cmp/swa/sel call log."""
+def stub_modules() -> list[types.ModuleType]:
+    """Stand-ins of the three GPU glue modules (fsagen.dense_attention, fsagen.selection, fsagen.slc)
+    computing with the float64 references."""
     dense = types.ModuleType("fsagen.dense_attention")
     dense.forward, dense.backward = test_ops_dense._stub_forward, test_ops_dense._stub_backward
     sel = types.ModuleType("fsagen.selection")
     sel.select = test_ops_dense._stub_select
     slc = types.ModuleType("fsagen.slc")
     slc.slc_forward, slc.slc_backward = test_ops_fake._stub_forward, test_ops_fake._stub_backward
-    for mod in (dense, sel, slc):
+    return [dense, sel, slc]
+
+
+@pytest.fixture
+def stub_glue(monkeypatch):
+    """The three glue modules replaced by float64-reference stubs; returns the cmp/swa/sel call log."""
+    for mod in stub_modules():
         monkeypatch.setitem(sys.modules, mod.__name__, mod)
     test_ops_dense.CALLS.clear()
     return test_ops_dense.CALLS
@@ -334,7 +340,10 @@ def test_from_spec_file(tmp_path):
     ("[nsa]\nnum_q_heads = 4\nnum_kv_heads = 3\nhead_dim = 64\n", "num_q_heads must be a multiple of num_kv_heads"),
     ("[nsa]\nnum_q_heads = 4\nnum_kv_heads = 2\nhead_dim = 64\ntopk = 2\n", "topk must be >= init_blocks"),
     ("[nsa\n", "invalid TOML"),
-], ids=["no_table", "unknown", "missing", "heads", "topk", "syntax"])
+    ("[nsa]\nnum_q_heads = 4\nnum_kv_heads = 2\nhead_dim = 64\nwindow_size = 0\n", "window_size=0: must be >= 1"),
+    ("[nsa]\nnum_q_heads = 4\nnum_kv_heads = 2\nhead_dim = 64\nkernel_size = 40\n",
+     "kernel_size must be a multiple of stride"),
+], ids=["no_table", "unknown", "missing", "heads", "topk", "syntax", "window", "kernel"])
 def test_bad_spec_file(tmp_path, text, match):
     path = tmp_path / "bad.toml"
     path.write_text(text)
@@ -365,6 +374,26 @@ BAD_CONSTRUCTION = {  # keyword edits -> (error type, text the message starts wi
     "topk_below_forced": (dict(topk=2), SpecError, "NSASpec: topk must be >= init_blocks"),
     "block_not_multiple_of_stride": (dict(block_size=40), SpecError, "NSASpec: block_size must be a multiple"),
     "bad_gate": (dict(gate="per_layer"), SpecError, "NSASpec.gate="),
+    # spec values that do not fit together
+    "window_zero": (dict(window_size=0), SpecError, "NSASpec.window_size=0: must be >= 1"),
+    "window_negative": (dict(window_size=-4), SpecError, "NSASpec.window_size=-4: must be >= 1"),
+    "window_float": (dict(window_size=7.5), SpecError, "NSASpec.window_size=7.5: must be an int"),
+    "topk_zero": (dict(topk=0), SpecError, "NSASpec.topk=0: must be >= 1"),
+    "kv_heads_do_not_divide": (dict(num_kv_heads=3), SpecError, "NSASpec: num_q_heads must be a multiple of "
+                                                                "num_kv_heads"),
+    "more_kv_than_q_heads": (dict(num_kv_heads=8), SpecError, "NSASpec: num_q_heads must be a multiple"),
+    "kernel_not_multiple_of_stride": (dict(kernel_size=24), SpecError, "NSASpec: kernel_size must be a multiple"),
+    "kernel_below_stride": (dict(kernel_size=8), SpecError, "NSASpec: kernel_size must be a multiple"),
+    "head_dim_zero": (dict(head_dim=0), SpecError, "NSASpec.head_dim=0: must be >= 1"),
+    "v_head_dim_larger": (dict(head_dim=16, v_head_dim=32), UnsupportedSpec, "v_head_dim: the kernels need "
+                                                                              "v_head_dim == head_dim=16"),
+    "kernel_dtype_fp32": (dict(dtype="float32"), SpecError, "NSASpec.dtype='float32': must be one of"),
+    "compression_unknown": (dict(compression="max"), SpecError, "NSASpec.compression='max'"),
+    "param_dtype_str": (dict(param_dtype="float32"), TypeError, "param_dtype: "),
+    "param_dtype_int": (dict(param_dtype=torch.int32), TypeError, "param_dtype: "),
+    # hidden sizes that do not divide
+    "hidden_not_divisible_by_7_heads": (dict(hidden_size=64, num_q_heads=7, num_kv_heads=1), ValueError,
+                                        "hidden_size: must be a multiple of num_q_heads=7"),
 }
 
 
@@ -407,6 +436,10 @@ def _fwd_cases():
         "mask_not_tensor": ((xp, dict(attention_mask=mask.tolist())), TypeError, "attention_mask"),
         "mask_value_2": ((xp, dict(attention_mask=twos)), ValueError, "attention_mask"),
         "mask_holes": ((xp, dict(attention_mask=holes)), ValueError, "attention_mask"),
+        "mask_1d": ((xp, dict(attention_mask=mask[0])), ValueError, "attention_mask"),
+        "mask_4d_additive_style": ((xp, dict(attention_mask=mask[:, None, None, :])), ValueError, "attention_mask"),
+        "mask_batch": ((xp, dict(attention_mask=mask[:-1])), ValueError, "attention_mask"),
+        "mask_longer": ((xp, dict(attention_mask=torch.cat([mask, mask[:, :1]], 1))), ValueError, "attention_mask"),
     }
 
 
@@ -476,6 +509,31 @@ def test_bad_nsa_attention_input_names_argument(stub_glue, case):
     with pytest.raises(kind, match=rf"^{arg}: "):
         fsagen.nsa_attention(**a)
     assert stub_glue == []  # refused before any op ran
+
+
+COMPRESSED_CASES = {  # edit of (k_cmp, v_cmp) -> (error type, text the message starts with)
+    "k_cmp_kv_heads": (lambda kc, vc: (kc[:, :1], vc[:, :1]), ValueError, "k_cmp: must be [Nc, Hkv=2, D]"),
+    "v_cmp_kv_heads": (lambda kc, vc: (kc, vc[:, :1]), ValueError, "v_cmp: must be [Nc, Hkv=2, D]"),
+    "k_cmp_2d": (lambda kc, vc: (kc[:, 0], vc), ValueError, "k_cmp: must be [Nc, Hkv=2, D]"),
+    "k_cmp_head_dim": (lambda kc, vc: (kc[..., :8], vc[..., :8]), ValueError, "k_cmp: head dim must equal q's D=16"),
+    "v_cmp_head_dim": (lambda kc, vc: (kc, vc[..., :8]), ValueError, "v_cmp: head dim Dv must equal D=16"),
+    "k_cmp_fp32": (lambda kc, vc: (kc.float(), vc), TypeError, "k_cmp: dtype must equal q's dtype"),
+    "k_cmp_list": (lambda kc, vc: (kc.tolist(), vc), TypeError, "k_cmp: must be a torch.Tensor"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(COMPRESSED_CASES))
+def test_bad_compressed_keys_name_argument(stub_glue, case):
+    """nsa_attention_from_compressed (the layer's entry point): compressed keys whose heads or head dims
+    do not fit q / k are refused, naming them, before any kernel runs."""
+    edit, kind, start = COMPRESSED_CASES[case]
+    a = _attention_inputs()
+    kc, vc, cuc = compress_kv(a["k"], a["v"], a["cu_seqlens"], CFG["kernel_size"], CFG["stride"])
+    k_cmp, v_cmp = edit(kc, vc)
+    with pytest.raises(kind) as info:
+        nsa_attention_from_compressed(a["q"], a["k"], a["v"], k_cmp, v_cmp, a["gates"], a["cu_seqlens"], cuc, **CFG)
+    assert str(info.value).startswith(start), str(info.value)
+    assert stub_glue == []
 
 
 # --------------------------------------------------------------------------- the training example

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The GPU parts of issue 4's layer work, on the GPU machine, from the project root, each under
+# `timeout`, each logging to LOGDIR/<part>.log; LOGDIR/summary.txt gets one line per part (exit status
+# and seconds).  A part that fails does not stop the next.
+#
+#   bash bench/run_layer_gpu.sh LOGDIR PART...
+#
+# Parts (in the order given):
+#   build   fsagen build --arch sm90 --grid bench/grids/layer_gpu.toml (the kernels of everything below)
+#   smoke   bench/bench_layer.py --smoke            -> LOGDIR/smoke/layer_bench.{md,csv,png}
+#   bench   bench/bench_layer.py (N 8K..64K, G 1 4 16) -> LOGDIR/results/layer_bench.{md,csv,png}
+#   llama   examples/llama_nsa.py                   -> LOGDIR/llama_nsa.md
+#   ddp1    examples/ddp_train.py, world size 1     -> LOGDIR/ddp_world1.md
+#   ddp2    torchrun --nproc_per_node 2 examples/ddp_train.py (needs 2 GPUs) -> LOGDIR/ddp_world2.md
+#
+# Needs .gpu/ set up as ../shared/gpu/README.md says (TileLang bundle + env.sh), and for `llama`,
+# when the machine has no transformers, .gpu/transformers-py312.tar.xz from bench/hf_bundle.sh.
+# Each part fits a 600 s device call on its own; e.g. with the device tool, carrying .gpu:
+#   bash bench/run_layer_gpu.sh $OUT build smoke llama ddp1      (H100)
+#   bash bench/run_layer_gpu.sh $OUT bench                       (H100, same warm machine: kernels built)
+#   bash bench/run_layer_gpu.sh $OUT build ddp2                  (nvidia-h200-x2)
+set -uo pipefail
+if [ $# -lt 2 ]; then
+  sed -n '2,22p' "$0"; exit 2
+fi
+log=$1; shift
+mkdir -p "$log"; log=$(cd "$log" && pwd)
+# shellcheck disable=SC1091
+source .gpu/env.sh || { echo "source .gpu/env.sh failed (see ../shared/gpu/README.md)" | tee -a "$log/summary.txt"; exit 1; }
+export FSAGEN_GPU_LOG=${FSAGEN_GPU_LOG:-$log/gpu_errors.log}
+
+hf_path() {  # transformers from the bundle, behind the machine's own packages, unless it has its own
+  python3 -c "import transformers" 2>/dev/null && return 0
+  if [ ! -d /tmp/site-hf312/transformers ]; then
+    [ -f .gpu/transformers-py312.tar.xz ] || { echo "no transformers: build .gpu/transformers-py312.tar.xz with bench/hf_bundle.sh"; return 1; }
+    tar -C /tmp -xJf .gpu/transformers-py312.tar.xz || return 1
+  fi
+  export PYTHONPATH=$PYTHONPATH:/tmp/site-hf312
+  python3 -c "import transformers; print('transformers', transformers.__version__, 'from', transformers.__file__)"
+}
+
+run_part() {  # NAME SECONDS COMMAND...
+  local name=$1 secs=$2; shift 2
+  local t0=$SECONDS
+  echo "== $name: $*" | tee "$log/$name.log"
+  timeout --kill-after=10 "$secs" "$@" >>"$log/$name.log" 2>&1
+  local rc=$?
+  tail -n 40 "$log/$name.log"
+  local what="ok"; [ $rc -eq 124 ] && what="TIMEOUT after ${secs}s"; [ $rc -ne 0 ] && [ $rc -ne 124 ] && what="FAILED"
+  printf '%-6s rc=%-3s %5ss  %s\n' "$name" "$rc" "$((SECONDS - t0))" "$what" | tee -a "$log/summary.txt"
+}
+
+for part in "$@"; do
+  case $part in
+    build) run_part build 540 python3 -m fsagen.cli build --arch sm90 --grid bench/grids/layer_gpu.toml --jobs 16 ;;
+    smoke) run_part smoke 300 python3 bench/bench_layer.py --smoke --out "$log/smoke" ;;
+    bench) run_part bench 590 python3 bench/bench_layer.py --out "$log/results" ;;
+    llama) if hf_path >"$log/llama_env.log" 2>&1; then
+             run_part llama 400 python3 examples/llama_nsa.py --out "$log/llama_nsa.md"
+           else
+             cat "$log/llama_env.log"; echo "llama  rc=-   no transformers on this machine" | tee -a "$log/summary.txt"
+           fi ;;
+    ddp1)  run_part ddp1 400 python3 examples/ddp_train.py --out "$log/ddp_world1.md" ;;
+    ddp2)  run_part ddp2 500 python3 -m torch.distributed.run --standalone --nproc_per_node 2 examples/ddp_train.py \
+             --out "$log/ddp_world2.md" ;;
+    *) echo "unknown part $part (build smoke bench llama ddp1 ddp2)" | tee -a "$log/summary.txt" ;;
+  esac
+done
+echo "== summary ($log/summary.txt)"; cat "$log/summary.txt"

@@ -1,0 +1,320 @@
+"""NativeSparseAttention inside a Hugging Face ``transformers`` Llama model: one training step and
+greedy generation, the attention running through fsagen's kernels.
+
+A small randomly initialised ``LlamaForCausalLM`` is built, every decoder layer's ``self_attn``
+(``LlamaAttention``) is replaced by :class:`NSALlamaAttention` (:func:`use_nsa`), and then
+
+1. one training step on random tokens, one row left-padded (``loss.backward()``, AdamW step; the
+   loss of the same batch is printed before and after the step);
+2. greedy generation of ``--new-tokens`` tokens with ``model.generate(do_sample=False,
+   use_cache=False)``: no KV cache, every step runs the whole prefix again through fsagen (the
+   prefill), checked against a hand-written greedy loop doing the same.
+
+How the swap works (transformers 5.x, tested with 5.18.0):
+
+* ``LlamaAttention.forward(hidden_states, position_embeddings, attention_mask, past_key_values,
+  **kwargs) -> (output, weights)`` is what a decoder layer calls.  :class:`NSALlamaAttention` keeps
+  that signature and wraps a :class:`fsagen.NativeSparseAttention` whose q/k/v/o projections take
+  the Llama layer's weights (the gate projection and the compression parameters are new).
+* The rotary embedding is NSA's own: q and raw keys at their position within their sequence, the
+  compressed keys at their window start (NSA's rule, which ``position_embeddings`` -- cos/sin per
+  token -- cannot express).  Its base is the config's ``rope_theta``; only the default rope type
+  is accepted (Llama 3 style frequency scaling is not implemented by the layer).
+* Padding: the model builds its mask through the attention implementation registered under
+  :data:`ATTN_IMPLEMENTATION`, whose mask function hands the 2-D ``[B, T]`` padding mask through
+  unchanged (instead of a 4-D additive mask); the layer packs the real tokens of each row (left or
+  right padding) into a varlen batch.  The registered attention function itself is never called by
+  a swapped layer: it raises if a layer was left unswapped.
+* Not supported (clear errors): a KV cache (``past_key_values``; generate with ``use_cache=False``),
+  4-D masks, several sequences packed in one row (``position_ids`` that restart).
+
+Needs a CUDA GPU with the sm90 kernels (D = hidden / heads = 64 and G = 4 at the defaults: in the
+default grid and in ``bench/grids/layer_gpu.toml``) and ``transformers`` (``pip install
+'fsagen[examples]'``)::
+
+    python examples/llama_nsa.py --out runs/llama_nsa.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fsagen import NativeSparseAttention
+from fsagen.validate import fail
+
+ATTN_IMPLEMENTATION = "fsagen_nsa"
+
+
+# --------------------------------------------------------------------------- the adapter
+
+
+def _rope_theta(config) -> float:
+    """The config's rotary base; ValueError for rope types other than the default."""
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type != "default":
+        fail(ValueError, "config.rope_parameters", "NativeSparseAttention implements the default rotary embedding "
+                                                   "only (rope_type 'default')", repr(rope_type))
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    if theta is None:
+        fail(ValueError, "config.rope_parameters", "needs a rope_theta", params)
+    return float(theta)
+
+
+class NSALlamaAttention(nn.Module):
+    """A drop-in for ``LlamaAttention``: NativeSparseAttention with the Llama layer's projections.
+
+    Args:
+        config: the model's ``LlamaConfig`` (hidden_size, num_attention_heads,
+            num_key_value_heads, head_dim, attention_bias, rope parameters).
+        layer_idx: the decoder layer's index (kept for transformers' bookkeeping).
+        nsa_fields: NSASpec fields (block_size, topk, kernel_size, stride, window_size,
+            init_blocks, local_blocks, compression, gate, dtype).
+
+    ``self.nsa`` is the :class:`fsagen.NativeSparseAttention` doing the work.
+    """
+
+    def __init__(self, config, layer_idx: int, *, device=None, param_dtype=None, **nsa_fields):
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.nsa = NativeSparseAttention(
+            hidden_size=config.hidden_size, num_q_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads, head_dim=head_dim, bias=bool(config.attention_bias),
+            rope_theta=_rope_theta(config), device=device, param_dtype=param_dtype, **nsa_fields)
+
+    @classmethod
+    def from_llama_attention(cls, attn: nn.Module, **nsa_fields) -> "NSALlamaAttention":
+        """The NSA layer replacing ``attn`` (a ``LlamaAttention``), on its device and in its dtype, with
+        its q/k/v/o projection weights (and biases) copied."""
+        weight = attn.q_proj.weight
+        new = cls(attn.config, attn.layer_idx, device=weight.device, param_dtype=weight.dtype, **nsa_fields)
+        with torch.no_grad():
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                ours, theirs = getattr(new.nsa, name), getattr(attn, name)
+                ours.weight.copy_(theirs.weight)
+                if ours.bias is not None:
+                    ours.bias.copy_(theirs.bias)
+        return new
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
+                past_key_values=None, position_ids=None, **kwargs):
+        """``(output [B, T, hidden], None)`` like ``LlamaAttention``; ``position_embeddings`` are not used
+        (the layer rotates by each token's position within its sequence, see the module docstring)."""
+        if past_key_values is not None or kwargs.get("past_key_value") is not None:
+            fail(NotImplementedError, "past_key_values", "NSALlamaAttention keeps no KV cache: run the model with "
+                                                         "use_cache=False (generate(..., use_cache=False))", "a cache")
+        if attention_mask is not None and attention_mask.dim() != 2:
+            fail(ValueError, "attention_mask", f"NSALlamaAttention takes the 2-D [B, T] padding mask; build the model's "
+                                               f"masks with attn_implementation={ATTN_IMPLEMENTATION!r} (use_nsa does "
+                                               "it)", f"shape {tuple(attention_mask.shape)}")
+        if attention_mask is None and position_ids is not None and bool((position_ids.diff(dim=-1) < 0).any()):
+            fail(ValueError, "position_ids", "restart inside a row (several sequences packed in one row): not "
+                                             "supported, pass a padded batch with an attention_mask", "a restart")
+        return self.nsa(hidden_states, attention_mask=attention_mask), None
+
+
+def _padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
+                  **kwargs):
+    """transformers mask function of :data:`ATTN_IMPLEMENTATION`: the 2-D padding mask, unchanged."""
+    if attention_mask is not None and tuple(attention_mask.shape) != (batch_size, kv_length):
+        fail(ValueError, "attention_mask", f"must be the [B, T] = {[batch_size, kv_length]} padding mask",
+             f"shape {tuple(attention_mask.shape)}")
+    return attention_mask
+
+
+def _unswapped(module, *args, **kwargs):
+    """transformers attention function of :data:`ATTN_IMPLEMENTATION`: reached only by a layer that still
+    has its own attention (a swapped layer never calls it)."""
+    raise RuntimeError(f"attn_implementation={ATTN_IMPLEMENTATION!r}: {type(module).__name__} was not replaced by "
+                       "NSALlamaAttention (call use_nsa(model))")
+
+
+def register() -> None:
+    """Register :data:`ATTN_IMPLEMENTATION` with transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, _unswapped)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _padding_mask)
+
+
+def use_nsa(model, **nsa_fields):
+    """Replace every decoder layer's ``self_attn`` of a Llama model by :class:`NSALlamaAttention` (keeping the
+    projection weights), switch the model to :data:`ATTN_IMPLEMENTATION` and turn its KV cache off
+    (``use_cache = False`` in its config and generation config: the adapter has none).  Returns the model."""
+    register()
+    for layer in model.model.layers:
+        layer.self_attn = NSALlamaAttention.from_llama_attention(layer.self_attn, **nsa_fields)
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    model.config.use_cache = False
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.use_cache = False
+    return model
+
+
+# --------------------------------------------------------------------------- the example
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", type=Path, default=None, help="markdown report to write (default: none)")
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--intermediate", type=int, default=1376)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=4096, help="tokens per training row")
+    p.add_argument("--pad", type=int, default=100, help="left padding of the second training row")
+    p.add_argument("--prompt-len", type=int, default=2048, help="generation prompt length (longest row)")
+    p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    # NSA spec (the defaults: NSASpec's)
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--topk", type=int, default=16)
+    p.add_argument("--kernel-size", type=int, default=32)
+    p.add_argument("--stride", type=int, default=16)
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--init-blocks", type=int, default=1)
+    p.add_argument("--local-blocks", type=int, default=2)
+    args = p.parse_args(argv)
+    if args.batch < 1 or not 0 <= args.pad < args.seq_len:
+        p.error("--batch must be >= 1 and 0 <= --pad < --seq-len")
+    return args
+
+
+def nsa_fields(args) -> dict:
+    return dict(block_size=args.block_size, topk=args.topk, kernel_size=args.kernel_size, stride=args.stride,
+                window_size=args.window, init_blocks=args.init_blocks, local_blocks=args.local_blocks)
+
+
+def build_model(args, device):
+    """A randomly initialised float32 LlamaForCausalLM (seeded) with NSA attention in every layer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         num_key_value_heads=args.kv_heads, intermediate_size=args.intermediate,
+                         vocab_size=args.vocab, max_position_embeddings=max(args.seq_len, 8192), pad_token_id=0,
+                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(args.seed)
+    model = LlamaForCausalLM(config).to(device)
+    return use_nsa(model, **nsa_fields(args))
+
+
+def left_padded_batch(args, length: int, gen: torch.Generator, device):
+    """(input_ids, attention_mask) ``[B, length]``: random tokens (3 .. vocab-1), row b left-padded by
+    ``b * args.pad`` tokens (pad id 0)."""
+    ids = torch.randint(3, args.vocab, (args.batch, length), generator=gen)
+    mask = torch.ones(args.batch, length, dtype=torch.long)
+    for b in range(args.batch):
+        pad = min(b * args.pad, length - 1)
+        ids[b, :pad], mask[b, :pad] = 0, 0
+    return ids.to(device), mask.to(device)
+
+
+def train_step(model, opt, ids, mask, device_type: str):
+    """One AdamW step on the next-token loss (padding ignored); returns (loss before, loss after) of the batch."""
+    labels = ids.masked_fill(mask == 0, -100)
+    model.train()
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.isfinite().all())]
+    if missing:
+        raise RuntimeError(f"parameters without a finite gradient after backward: {missing[:5]}")
+    opt.step()
+    with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16):
+        after = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    return loss.detach(), after.detach()
+
+
+@torch.no_grad()
+def greedy_by_hand(model, ids, mask, new_tokens: int, device_type: str):
+    """Greedy decoding the slow way: the whole prefix through the model for every new token."""
+    for _ in range(new_tokens):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, -1]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+    return ids
+
+
+@torch.no_grad()
+def generate(model, ids, mask, new_tokens: int, device_type: str):
+    """``model.generate`` greedy, without a KV cache (each step recomputes the prefix through fsagen)."""
+    model.eval()
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                              do_sample=False, use_cache=False, pad_token_id=0)
+
+
+def run(args, device) -> dict:
+    """The example's steps on ``device``; returns the figures of the report."""
+    device_type = torch.device(device).type
+    model = build_model(args, device)
+    gen = torch.Generator().manual_seed(args.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    ids, mask = left_padded_batch(args, args.seq_len, gen, device)
+    t0 = time.perf_counter()
+    before, after = train_step(model, opt, ids, mask, device_type)
+    train_s = time.perf_counter() - t0
+    prompt, prompt_mask = left_padded_batch(args, args.prompt_len, gen, device)
+    t0 = time.perf_counter()
+    generated = generate(model, prompt, prompt_mask, args.new_tokens, device_type)
+    gen_s = time.perf_counter() - t0
+    by_hand = greedy_by_hand(model, prompt, prompt_mask, args.new_tokens, device_type)
+    return dict(params=sum(p.numel() for p in model.parameters()), loss_before=before.item(), loss_after=after.item(),
+                train_s=train_s, generate_s=gen_s, new_tokens=generated[:, args.prompt_len:].tolist(),
+                by_hand=by_hand[:, args.prompt_len:].tolist(), agree=torch.equal(generated, by_hand),
+                nsa_layers=sum(isinstance(m, NSALlamaAttention) for m in model.modules()))
+
+
+def report(args, res: dict, device_name: str) -> str:
+    import transformers
+
+    lines = [f"# NativeSparseAttention in a transformers Llama model ({device_name})", "",
+             f"transformers {transformers.__version__}, torch {torch.__version__}; LlamaForCausalLM, {args.layers} "
+             f"layers, hidden {args.hidden}, {args.heads} query / {args.kv_heads} kv heads, vocab {args.vocab}, "
+             f"{res['params'] / 1e6:.1f}M parameters (float32, bf16 autocast), random init (seed {args.seed}); "
+             f"{res['nsa_layers']} attention layers replaced by NSALlamaAttention ({nsa_fields(args)}).", "",
+             f"- training step: batch {args.batch} x {args.seq_len} tokens (row b left-padded by b*{args.pad}); "
+             f"loss {res['loss_before']:.4f} before the AdamW step, {res['loss_after']:.4f} after "
+             f"({res['train_s']:.1f} s including kernel loading)",
+             f"- greedy generation, no KV cache (every step runs the whole prefix through fsagen), prompt "
+             f"{args.prompt_len} tokens: {args.new_tokens} new tokens in {res['generate_s']:.1f} s",
+             f"  - generate(): {res['new_tokens']}",
+             f"  - hand-written greedy loop: {res['by_hand']}",
+             f"  - identical: {'yes' if res['agree'] else 'NO (a near-tie of two logits can flip the argmax)'}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("llama_nsa.py needs a CUDA GPU (the fsagen kernels are CUDA-only)", file=sys.stderr)
+        return 1
+    res = run(args, "cuda")
+    text = report(args, res, torch.cuda.get_device_name())
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        print(f"wrote {args.out}")
+    ok = res["loss_after"] < res["loss_before"] and res["agree"]
+    print("OK" if ok else "CHECK: the loss did not fall after the step, or generate() and the greedy loop differ")
+    return 0 if ok else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
