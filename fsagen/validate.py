@@ -187,10 +187,18 @@ def _check_topk_values(topk_idx: torch.Tensor, cu_seqlens: torch.Tensor, block_s
     idx = topk_idx.long()
     too_low = idx < -1
     too_high = idx >= nblk[None, :, None]
-    srt = torch.sort(idx, dim=-1).values
+    # Rows as select_blocks writes them (valid entries strictly ascending, then -1 padding) hold no
+    # duplicates: that elementwise test spares the row sort (~0.2 ms at N = 65536) unless it fails.
+    valid = idx >= 0
+    ordered = ((idx[..., 1:] > idx[..., :-1]) | ~valid[..., 1:]) & (valid[..., :-1] | ~valid[..., 1:])
+    flags = torch.stack([too_low.any(), too_high.any(), ordered.all()]).tolist()
     dup = torch.zeros_like(idx, dtype=torch.bool)
-    dup[..., 1:] = (srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)
-    flags = torch.stack([too_low.any(), too_high.any(), dup.any()]).tolist()
+    if not flags[2]:
+        srt = torch.sort(idx, dim=-1).values
+        dup[..., 1:] = (srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)
+        flags[2] = bool(dup.any())
+    else:
+        flags[2] = False
     rules = (
         (too_low, "entries must be >= -1 (-1 is padding)"),
         (too_high, "entries must be < the number of blocks of the query's sequence"),

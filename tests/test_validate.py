@@ -90,6 +90,23 @@ def test_future_block_and_repeated_padding_are_allowed():
     check_slc_inputs(**a)
 
 
+@pytest.mark.parametrize("row,ok", [
+    ([1, 0, -1], True),     # valid, not ascending: the sort path finds no duplicate
+    ([-1, 1, 0], True),     # padding first, not ascending
+    ([-1, 0, 0], False),    # duplicate behind padding
+    ([1, -1, 1], False),    # duplicate around padding
+    ([0, 1, -1], True),     # ascending then padding: the fast path
+])
+def test_duplicate_check_with_and_without_the_ordered_fast_path(row, ok):
+    a = good()
+    _poke("topk_idx", (1, 20), torch.tensor(row, dtype=torch.int32))(a)  # token 20: sequence 1, 2 blocks
+    if ok:
+        check_slc_inputs(**a)
+    else:
+        with pytest.raises(ValueError, match="distinct"):
+            check_slc_inputs(**a)
+
+
 def test_value_checks_can_be_skipped():
     a = good()
     _poke("topk_idx", (0, 30, 1), 1)(a)
