@@ -206,7 +206,8 @@ def build_model(args, device):
     config = LlamaConfig(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
                          num_key_value_heads=args.kv_heads, intermediate_size=args.intermediate,
                          vocab_size=args.vocab, max_position_embeddings=max(args.seq_len, 8192), pad_token_id=0,
-                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+                         bos_token_id=1, eos_token_id=None, tie_word_embeddings=False)  # no EOS: exactly
+    # --new-tokens are generated, with no logits masked (the hand-written greedy loop masks none)
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(config).to(device)
     return use_nsa(model, **nsa_fields(args))
@@ -261,8 +262,8 @@ def generate(model, ids, mask, new_tokens: int, device_type: str):
     """``model.generate`` greedy, without a KV cache (each step recomputes the prefix through fsagen)."""
     model.eval()
     with torch.autocast(device_type, dtype=torch.bfloat16):
-        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                              do_sample=False, use_cache=False, pad_token_id=0)
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                              use_cache=False, pad_token_id=0)
 
 
 def run(args, device) -> dict:
