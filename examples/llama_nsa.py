@@ -49,6 +49,7 @@ from fsagen import NativeSparseAttention
 from fsagen.validate import fail
 
 ATTN_IMPLEMENTATION = "fsagen_nsa"
+NEAR_TIE = 0.05  # logit gap under which generate() and the greedy loop may legitimately pick differently
 
 
 # --------------------------------------------------------------------------- the adapter
@@ -205,7 +206,8 @@ def build_model(args, device):
     config = LlamaConfig(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
                          num_key_value_heads=args.kv_heads, intermediate_size=args.intermediate,
                          vocab_size=args.vocab, max_position_embeddings=max(args.seq_len, 8192), pad_token_id=0,
-                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+                         bos_token_id=1, eos_token_id=None, tie_word_embeddings=False)  # no EOS: exactly
+    # --new-tokens are generated, with no logits masked (the hand-written greedy loop masks none)
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(config).to(device)
     return use_nsa(model, **nsa_fields(args))
@@ -241,13 +243,18 @@ def train_step(model, opt, ids, mask, device_type: str):
 
 @torch.no_grad()
 def greedy_by_hand(model, ids, mask, new_tokens: int, device_type: str):
-    """Greedy decoding the slow way: the whole prefix through the model for every new token."""
+    """Greedy decoding the slow way: the whole prefix through the model for every new token.  Returns
+    the tokens and the smallest gap between the best and second-best logit over the steps (a gap near
+    0 is a near-tie, which run-to-run rounding differences, e.g. of float32 atomics, can flip)."""
+    gap = float("inf")
     for _ in range(new_tokens):
         with torch.autocast(device_type, dtype=torch.bfloat16):
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, -1]
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, -1].float()
+        top2 = logits.topk(2, dim=-1).values
+        gap = min(gap, float((top2[:, 0] - top2[:, 1]).min()))
         ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-    return ids
+    return ids, gap
 
 
 @torch.no_grad()
@@ -255,8 +262,8 @@ def generate(model, ids, mask, new_tokens: int, device_type: str):
     """``model.generate`` greedy, without a KV cache (each step recomputes the prefix through fsagen)."""
     model.eval()
     with torch.autocast(device_type, dtype=torch.bfloat16):
-        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                              do_sample=False, use_cache=False, pad_token_id=0)
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                              use_cache=False, pad_token_id=0)
 
 
 def run(args, device) -> dict:
@@ -273,10 +280,10 @@ def run(args, device) -> dict:
     t0 = time.perf_counter()
     generated = generate(model, prompt, prompt_mask, args.new_tokens, device_type)
     gen_s = time.perf_counter() - t0
-    by_hand = greedy_by_hand(model, prompt, prompt_mask, args.new_tokens, device_type)
+    by_hand, gap = greedy_by_hand(model, prompt, prompt_mask, args.new_tokens, device_type)
     return dict(params=sum(p.numel() for p in model.parameters()), loss_before=before.item(), loss_after=after.item(),
                 train_s=train_s, generate_s=gen_s, new_tokens=generated[:, args.prompt_len:].tolist(),
-                by_hand=by_hand[:, args.prompt_len:].tolist(), agree=torch.equal(generated, by_hand),
+                by_hand=by_hand[:, args.prompt_len:].tolist(), agree=torch.equal(generated, by_hand), gap=gap,
                 nsa_layers=sum(isinstance(m, NSALlamaAttention) for m in model.modules()))
 
 
@@ -295,7 +302,8 @@ def report(args, res: dict, device_name: str) -> str:
              f"{args.prompt_len} tokens: {args.new_tokens} new tokens in {res['generate_s']:.1f} s",
              f"  - generate(): {res['new_tokens']}",
              f"  - hand-written greedy loop: {res['by_hand']}",
-             f"  - identical: {'yes' if res['agree'] else 'NO (a near-tie of two logits can flip the argmax)'}"]
+             f"  - identical: {'yes' if res['agree'] else 'NO'} (smallest gap between the two best logits of a "
+             f"step: {res['gap']:.3g}; below {NEAR_TIE} a rounding difference may flip the argmax)"]
     return "\n".join(lines) + "\n"
 
 
@@ -311,9 +319,13 @@ def main(argv=None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
         print(f"wrote {args.out}")
-    ok = res["loss_after"] < res["loss_before"] and res["agree"]
-    print("OK" if ok else "CHECK: the loss did not fall after the step, or generate() and the greedy loop differ")
-    return 0 if ok else 3
+    problems = []
+    if not res["loss_after"] < res["loss_before"]:
+        problems.append("the loss did not fall after the training step")
+    if not res["agree"] and res["gap"] >= NEAR_TIE:
+        problems.append("generate() and the greedy loop differ with no near-tie to explain it")
+    print("OK" if not problems else "CHECK: " + "; ".join(problems))
+    return 0 if not problems else 3
 
 
 if __name__ == "__main__":

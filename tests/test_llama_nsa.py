@@ -93,7 +93,7 @@ def test_train_step_and_generate(ex, args, stub_glue):
     assert res["loss_before"] > res["loss_after"] > 0  # one AdamW step at lr 1e-3 on its own batch
     assert res["agree"] and len(res["new_tokens"]) == 2 and all(len(t) == 3 for t in res["new_tokens"])
     text = ex.report(args, res, "cpu (reference stubs)")
-    assert "identical: yes" in text and "2 attention layers replaced" in text
+    assert res["gap"] > 0 and "identical: yes" in text and "2 attention layers replaced" in text
 
 
 def test_bad_inputs(ex, args, stub_glue):
