@@ -69,8 +69,9 @@ def test_plans_per_branch(loop_orders):
             assert orders == list(BRANCH_LOOP_ORDERS[spec.branch]), spec.name
 
 
-# the ci subset: 4 slc specs (2 loop orders each with --loop-orders all) + 5 cmp/swa (dense) and sel (sel) specs
-CI_AUTO, CI_ALL = 9, 4 * 2 + 5
+# the ci subset: 4 slc specs (2 loop orders each with --loop-orders all) + 5 cmp/swa (dense) and sel (sel)
+# specs + 2 comp (compression) specs
+CI_AUTO, CI_ALL = 11, 4 * 2 + 5 + 2
 PROGRESS = re.compile(r"\[ *(\d+/\d+)\] (\S+)  (\S+) ")
 
 
