@@ -33,10 +33,10 @@ import numbers
 
 import torch
 
-from fsagen.errors import UnsupportedSpec
+from fsagen.errors import ScheduleError, UnsupportedSpec
 from fsagen.reference_cmp import COMPRESS_KINDS, COMPRESS_OPTIONAL, COMPRESS_REQUIRED, compress_param_shapes
 from fsagen.slc_index import token_sequence
-from fsagen.validate import check_plans, check_tensor, fail, index_checks_possible
+from fsagen.validate import check_tensor, fail, index_checks_possible
 from fsagen.validate_dense import check_int, expected_cu_seqlens_cmp
 
 __all__ = ["compress", "COMPRESS_DTYPES"]
@@ -154,12 +154,22 @@ def _kernel_runs(k, v, kind, kernel_size, stride) -> bool:
     k and v of one head dim, with forward and backward plans on the device's schedule."""
     if kind == "linear" or k.device.type != "cuda" or k.dtype not in KERNEL_DTYPES or v.shape[2] != k.shape[2]:
         return False
-    from fsagen.glue import kernel_spec
+    index = k.device.index if k.device.index is not None else torch.cuda.current_device()
+    return _kernels_cover(index, k.dtype, k.shape[2], kernel_size, stride)
 
-    specs = [kernel_spec("comp", phase, k, k, kernel_size=kernel_size, stride=stride) for phase in ("fwd", "bwd")]
+
+@torch.compiler.assume_constant_result  # decided at trace time under torch.compile, not traced
+def _kernels_cover(device_index: int, dtype: torch.dtype, head_dim: int, kernel_size: int, stride: int) -> bool:
+    from fsagen.spec import KernelSpec
+    from fsagen.validate import _plan_of as plan_of  # the schedule's plan, memoised
+    from fsagen.validate import device_arch, dtype_name
+
+    arch = device_arch(torch.device("cuda", device_index))
     try:
-        check_plans(k.device, specs)
-    except UnsupportedSpec:
+        for phase in ("fwd", "bwd"):
+            plan_of(arch, KernelSpec("comp", phase, G=1, D=head_dim, block_size=0, topk=0, dtype=dtype_name(dtype),
+                                     kernel_size=kernel_size, stride=stride))
+    except (UnsupportedSpec, ScheduleError):  # no kernel for these shapes, or no schedule for this GPU
         return False
     return True
 
