@@ -86,7 +86,8 @@ def test_build_list_show_clean(env, tmp_path):
     lines = PROGRESS.findall(first.stdout)
     assert len(lines) == CI_ALL and lines[-1][0] == f"{CI_ALL}/{CI_ALL}"
     built = {(name.split("_")[0], order) for _, name, order in lines}
-    assert built == {("slc", "kv_outer"), ("slc", "q_outer"), ("cmp", "dense"), ("swa", "dense"), ("sel", "sel")}
+    assert built == {("slc", "kv_outer"), ("slc", "q_outer"), ("cmp", "dense"), ("swa", "dense"), ("sel", "sel"),
+                     ("comp", "comp")}
     manifest = json.loads((out / "sm90" / "manifest.json").read_text())
     assert len(manifest["artifacts"]) == CI_ALL and manifest["subset"] == "ci"
     assert manifest["versions"]["tilelang"]
