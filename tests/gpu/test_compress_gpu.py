@@ -23,7 +23,7 @@ from test_compress import KIND_IDS, KINDS, _params, compare_with_grads  # noqa: 
 
 from fsagen import compression  # noqa: E402
 from fsagen.compression import compress  # noqa: E402
-from fsagen.testing import log_errors, random_cu_seqlens, rel_err  # noqa: E402
+from fsagen.testing import capture_cuda_graph, log_errors, random_cu_seqlens, rel_err  # noqa: E402
 from fsagen.validate_dense import expected_cu_seqlens_cmp  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -55,6 +55,27 @@ def _inputs(layout, kind, pos, ks, s, dtype, gen, dims=None):
     return k, v, cu, _params(kind, pos, HKV, ks, d, dv, dtype, gen)
 
 
+def _syncs(fn):
+    """The synchronising calls torch's sync debug mode reports while ``fn`` runs."""
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    try:
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    return [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+
+
+def _check(case, errs, dtype):
+    """Record the relative errors (FSAGEN_GPU_LOG), then bound them."""
+    log_errors("compress-gpu", case, errs, FIELDS)
+    bad = {name: e for name, e in errs.items() if not e < TOL[dtype]}
+    assert not bad, f"{case}: relative errors over {TOL[dtype]}: {bad}"
+
+
 @pytest.mark.parametrize("layout", ["random", "edge_lengths"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("ks,s", KERNELS)
@@ -63,10 +84,7 @@ def test_matches_reference(kind, pos, ks, s, dtype, layout):
     gen = _gen()
     k, v, cu, params = _inputs(layout, kind, pos, ks, s, dtype, gen)
     case = f"{KIND_IDS[KINDS.index((kind, pos))]} ks={ks} s={s} {str(dtype)[6:]} {layout} N={k.shape[0]}"
-    errs, _, _ = compare_with_grads(k, v, cu, ks, s, kind, params, gen, None)  # bounded below, once recorded
-    log_errors("compress-gpu", case, errs, FIELDS)
-    bad = {name: e for name, e in errs.items() if not e < TOL[dtype]}
-    assert not bad, f"{case}: relative errors over {TOL[dtype]}: {bad}"
+    _check(case, compare_with_grads(k, v, cu, ks, s, kind, params, gen, None)[0], dtype)
 
 
 @pytest.mark.parametrize("kind,pos", KINDS, ids=KIND_IDS)
@@ -75,17 +93,8 @@ def test_forward_syncs_once(kind, pos):
     cu_seqlens checks), so torch's sync debug mode sees exactly one synchronising call."""
     gen = _gen(0)
     k, v, cu, params = _inputs("random", kind, pos, 32, 16, torch.bfloat16, gen)
-    torch.cuda.synchronize()
-    previous = torch.cuda.get_sync_debug_mode()
-    try:
-        torch.cuda.set_sync_debug_mode("warn")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            compress(k, v, cu, 32, 16, kind, **params)
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    assert len(syncs) == 1, [str(w.message) for w in syncs]
+    syncs = _syncs(lambda: compress(k, v, cu, 32, 16, kind, **params))
+    assert len(syncs) == 1, syncs
 
 
 @pytest.mark.parametrize("layout", ["random", "edge_lengths"])
@@ -100,28 +109,11 @@ def test_kernels_match_reference(kind, ks, s, d, dtype, layout, monkeypatch):
     k, v, cu, params = _inputs(layout, kind, False, ks, s, dtype, gen, dims=(d, d))
     assert compression._kernel_runs(k, v, kind, ks, s), "the kernels should take this call"
     case = f"kernel {kind} ks={ks} s={s} D={d} {str(dtype)[6:]} {layout} N={k.shape[0]}"
-    errs, _, _ = compare_with_grads(k, v, cu, ks, s, kind, params, gen, None)
-    log_errors("compress-gpu", case, errs, FIELDS)
-    bad = {name: e for name, e in errs.items() if not e < TOL[dtype]}
-    assert not bad, f"{case}: relative errors over {TOL[dtype]}: {bad}"
+    _check(case, compare_with_grads(k, v, cu, ks, s, kind, params, gen, None)[0], dtype)
 
 
 def _num_compressed(cu, ks, s):
     return int(expected_cu_seqlens_cmp(cu, ks, s)[-1])
-
-
-def _syncs(fn):
-    """The synchronising calls torch's sync debug mode reports while ``fn`` runs."""
-    torch.cuda.synchronize()
-    previous = torch.cuda.get_sync_debug_mode()
-    try:
-        torch.cuda.set_sync_debug_mode("warn")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            fn()
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
-    return [str(w.message) for w in caught if "synchroniz" in str(w.message)]
 
 
 @pytest.mark.parametrize("kind,pos", KINDS, ids=KIND_IDS)
@@ -163,15 +155,7 @@ def test_cuda_graph_capture_and_replay(kind):
         kc, vc, _ = compress(k, v, cu, ks, s, kind, num_compressed=nc, check_values=False, **params)
         return (kc, vc, *torch.autograd.grad((kc, vc), leaves, (dk_out, dv_out)))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up: loads the kernels
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step()
+    graph, outs = capture_cuda_graph(step)
 
     new_lengths = [1500, 31, 900, 33, 700]
     with torch.no_grad():
