@@ -10,6 +10,12 @@ At N tokens (one sequence), Hkv kv heads, head dim D, bf16, (kernel, stride, blo
 * ``compressed_attention`` backward, and ``sliding_window_attention`` (window 512) forward and
   backward, for reference.
 
+Compression is timed once (it does not depend on G), by kind: mean and weighted run the generated
+kernels (``fsagen::compress_pool``), linear runs in torch; forward with its one host read of the
+compressed-token count, forward without it (``num_compressed`` given, ``check_values=False``), and
+backward (dk, dv and the parameters). Their GB/s count the bytes a kernel must move: k and v read,
+k_cmp and v_cmp written (backward: the reverse, plus k and v read again for the weights' gradient).
+
 cmp attention's FLOPs count every visible (query, compressed key) pair: ``4 * D * Hq * sum_t
 Lc(t)``. Achieved TFLOP/s are set against the H100's measured bf16 matmul rate (680 TFLOP/s; the
 target is 40% of it). Extra memory is the peak allocated during the pipeline minus what was
@@ -62,6 +68,49 @@ def _tensors(x):
     return []
 
 
+def compress_rows(k, v, cu, ks, s, timeit):
+    """Rows of the compression timings (mean / weighted / linear; forward with and without the
+    host read of Nc; backward), with GB/s of the bytes each pass must move."""
+    import fsagen
+
+    n, hkv, d = k.shape
+    gen = torch.Generator(device=k.device).manual_seed(1)
+    params = {
+        "mean": {},
+        "weighted": {"weight": torch.randn(hkv, ks, device=k.device, generator=gen) / ks},
+        "linear": {name: (torch.randn(hkv, ks * d, d, device=k.device, generator=gen) * (ks * d) ** -0.5).to(k.dtype)
+                   for name in ("proj_k", "proj_v")},
+    }
+    nc = fsagen.compress(k, v, cu, ks, s, "mean")[0].shape[0]
+    size = k.element_size() * hkv * d
+    io = 2 * (n + nc) * size  # k, v read; k_cmp, v_cmp written
+    rows = []
+    for kind, p in params.items():
+        def fwd(p=p, kind=kind):
+            return fsagen.compress(k, v, cu, ks, s, kind, **p)
+
+        def fwd_nosync(p=p, kind=kind):
+            return fsagen.compress(k, v, cu, ks, s, kind, num_compressed=nc, check_values=False, **p)
+
+        leaves = [k.detach().requires_grad_(), v.detach().requires_grad_()]
+        learned = {name: t.detach().requires_grad_() for name, t in p.items()}
+        kc, vc, _ = fsagen.compress(*leaves, cu, ks, s, kind, num_compressed=nc, check_values=False, **learned)
+        dkc, dvc = torch.randn_like(kc), torch.randn_like(vc)
+        wrt = leaves + list(learned.values())
+
+        def bwd(kc=kc, vc=vc, dkc=dkc, dvc=dvc, wrt=wrt):
+            return torch.autograd.grad((kc, vc), wrt, (dkc, dvc), retain_graph=True)
+
+        bwd_io = io + (2 * n * size if learned else 0)
+        for stage, fn, nbytes in ((f"compress fwd ({kind})", fwd, io), (f"compress fwd ({kind}, no sync)", fwd_nosync, io),
+                                  (f"compress bwd ({kind})", bwd, bwd_io)):
+            ms = timeit(fn)
+            rows.append(dict(G="-", Hq="-", stage=stage, ms=ms, tflops=math.nan, pct_matmul=math.nan,
+                             extra_mib=_peak_extra(fn) if "fwd" in stage else math.nan, gbps=nbytes / ms / 1e6))
+            print(f"{stage:34s} {ms:8.3f} ms  {nbytes / ms / 1e6:7.0f} GB/s", flush=True)
+    return rows
+
+
 def run(args):
     import fsagen
 
@@ -72,6 +121,9 @@ def run(args):
     cu = torch.tensor([0, n], dtype=torch.int32, device=dev)
     rows = []
     gen = torch.Generator(device=dev).manual_seed(args.seed)
+    k = torch.randn(n, hkv, d, device=dev, generator=gen).to(torch.bfloat16)
+    v = torch.randn(n, hkv, d, device=dev, generator=gen).to(torch.bfloat16)
+    rows += compress_rows(k, v, cu, ks, s, timeit)
     for g in args.groups:
         hq = hkv * g
         q = torch.randn(n, hq, d, device=dev, generator=gen).to(torch.bfloat16)
@@ -138,11 +190,11 @@ def run(args):
             tf = flops / ms / 1e9 if flops == flops else math.nan
             rows.append(dict(G=g, Hq=hq, stage=name, ms=ms, tflops=tf,
                              pct_matmul=100 * tf / MATMUL_TFLOPS if tf == tf else math.nan,
-                             extra_mib=extra))
+                             extra_mib=extra, gbps=math.nan))
             print(f"G={g:2d} {name:22s} {ms:8.3f} ms  {tf:7.1f} TFLOP/s", flush=True)
         ratio = times["compress+cmp+select"] / times["slc fwd"]
         rows.append(dict(G=g, Hq=hq, stage="(compress+cmp+select) / slc fwd", ms=ratio, tflops=math.nan,
-                         pct_matmul=math.nan, extra_mib=math.nan))
+                         pct_matmul=math.nan, extra_mib=math.nan, gbps=math.nan))
         del q, k, v, do, kc, vc, o_c, lse_c, idx, qg, kg, vg, o_g, qs, ks_, vs, o_s
         torch.cuda.empty_cache()
     return rows, timer_name
@@ -167,12 +219,12 @@ def write(rows, out: Path, args, timer_name):
         "Produced by `python bench/bench_cmp.py`. TFLOP/s count visible pairs only; % of the measured "
         f"bf16 matmul rate ({MATMUL_TFLOPS:.0f} TFLOP/s). The ratio row is time / time.",
         "",
-        "| G | stage | ms | TFLOP/s | % matmul | extra MiB |",
-        "|---|---|---|---|---|---|",
+        "| G | stage | ms | TFLOP/s | % matmul | GB/s | extra MiB |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['G']} | {r['stage']} | {_fmt(r['ms'], 3)} | {_fmt(r['tflops'], 1)} | "
-                     f"{_fmt(r['pct_matmul'], 1)} | {_fmt(r['extra_mib'], 0)} |")
+                     f"{_fmt(r['pct_matmul'], 1)} | {_fmt(r['gbps'], 0)} | {_fmt(r['extra_mib'], 0)} |")
     (out / "cmp_bench.md").write_text("\n".join(lines) + "\n")
 
 

@@ -2,20 +2,29 @@
 
 Semantics are those of :func:`fsagen.reference_cmp.compress_reference` (../shared/DESIGN.md
 section 2): a sequence of length L gives ``Lc = (L - ks) // s + 1`` compressed tokens (0 if
-``L < ks``), token i pooling raw tokens ``[i*s, i*s + ks)`` of its sequence.  Here the work is
-vectorised over the whole packed batch in plain torch ops (so it runs on CUDA and on the CPU, and
-autograd gives the backward into k, v and the parameters):
+``L < ks``), token i pooling raw tokens ``[i*s, i*s + ks)`` of its sequence.
 
-1. the first raw token of every compressed token, ``cu_seqlens[b] + i*stride``, is built on the
-   device from ``cu_seqlens`` (one searchsorted over the compressed offsets);
-2. one gather per tensor reads every window, laid out kv-head-major ``[Hkv, ., ., D]``;
-3. pooling: mean (a float32 sum), weighted (one bmm per kv head, ``weight [1, ks]`` times the
-   windows) or linear (one bmm per kv head: the window, plus ``pos_emb``, flattened window
-   position first then feature, times ``proj``), so the products run on tensor cores with float32
-   accumulation and the result is rounded to the input dtype once.
+Two implementations, one result:
 
-Sizing the outputs needs the number of compressed tokens on the host: it is read together with
-the ``cu_seqlens`` value checks in one small device->host copy, the op's only synchronisation.
+* **kernels** (CUDA, bf16 / fp16, ``Dv == D``, a (D, ks, s) the GPU's schedule supports; mean and
+  weighted): the generated TileLang programs of ``fsagen/kernels/compress.py`` behind the
+  ``fsagen::compress_pool`` op (``fsagen.ops_compress``). Mean is weighted pooling with weights
+  ``1 / ks``. Each tile's span of raw rows is read once; the backward writes every raw row once
+  (no atomics) and reduces the weights' gradient in float32.
+* **torch** (linear, and any other input: CPU, float32, unsupported shapes): every sequence is
+  copied once, head-major, into a layout where it starts on a stride boundary, so a window is
+  ``ks / s`` consecutive stride segments and the pooling is ``ks / s`` batched products over
+  shifted *views* of the segments (linear: ``bmm`` with the matching rows of ``proj``; mean /
+  weighted: a float32 weighted sum). No ``[Nc, ks, D]`` window gather is materialised. Linear
+  stays in torch because it is a GEMM (``[Nc, ks*D] @ [ks*D, D]`` per kv head) that cuBLAS runs
+  at the tensor-core rate on those views, with autograd giving its three gradients; a TileLang
+  GEMM would add three kernels (forward, dX by raw rows, dW / dpos_emb reductions) for a product
+  that is already on tensor cores and a copy of k that is 1x, not 2x.
+
+Host synchronisation: sizing the outputs needs ``Nc``. By default it is read on the host together
+with the value checks of ``cu_seqlens``, in one small device->host copy. Pass ``num_compressed``
+(when the lengths are known on the host) with ``check_values=False``, or call during CUDA-graph
+capture / torch.compile, and compression reads nothing on the host.
 """
 
 from __future__ import annotations
@@ -24,14 +33,16 @@ import numbers
 
 import torch
 
+from fsagen.errors import ScheduleError, UnsupportedSpec
 from fsagen.reference_cmp import COMPRESS_KINDS, COMPRESS_OPTIONAL, COMPRESS_REQUIRED, compress_param_shapes
 from fsagen.slc_index import token_sequence
-from fsagen.validate import check_tensor, fail
-from fsagen.validate_dense import expected_cu_seqlens_cmp
+from fsagen.validate import check_tensor, fail, index_checks_possible
+from fsagen.validate_dense import check_int, expected_cu_seqlens_cmp
 
 __all__ = ["compress", "COMPRESS_DTYPES"]
 
 COMPRESS_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 
 
 # --------------------------------------------------------------------------- validation
@@ -102,11 +113,10 @@ def _check_cu_seqlens_meta(cu_seqlens, k) -> None:
         fail(ValueError, "cu_seqlens", "must be 1-D [B + 1] with B + 1 >= 2 offsets", got)
 
 
-def _compressed_offsets(cu_seqlens: torch.Tensor, n: int, kernel_size: int, stride: int):
-    """``(cu int64, cu_cmp int64, Nc)``: the compressed offsets, built on the device, and their
-    total, read on the host together with the value checks of ``cu_seqlens`` (one sync)."""
+def _read_total(cu_seqlens: torch.Tensor, cu_cmp: torch.Tensor, n: int) -> int:
+    """Nc = ``cu_cmp[-1]``, read on the host together with the value checks of ``cu_seqlens``
+    (one sync)."""
     cu = cu_seqlens.long()
-    cu_cmp = expected_cu_seqlens_cmp(cu, kernel_size, stride).long()
     decreasing = cu[1:] < cu[:-1]
     first, last, any_decreasing, total = torch.stack([cu[0], cu[-1], decreasing.any().long(), cu_cmp[-1]]).tolist()
     if first != 0:
@@ -116,42 +126,102 @@ def _compressed_offsets(cu_seqlens: torch.Tensor, n: int, kernel_size: int, stri
         fail(ValueError, "cu_seqlens", "must be non-decreasing", f"cu_seqlens[{at}:{at + 2}]={cu[at:at + 2].tolist()}")
     if last != n:
         fail(ValueError, "cu_seqlens", f"must end at N={n} (k.shape[0])", f"cu_seqlens[-1]={last}")
-    return cu, cu_cmp, total
+    return total
 
 
 # --------------------------------------------------------------------------- compression
 
 
-def _window_index(cu: torch.Tensor, cu_cmp: torch.Tensor, nc: int, kernel_size: int, stride: int) -> torch.Tensor:
-    """int64 ``[Nc, ks]``: the packed raw tokens of every compressed token's window."""
-    seq = token_sequence(cu_cmp, nc)  # sequence of each compressed token (empty ones skipped)
-    pos = torch.arange(nc, device=cu.device) - cu_cmp[seq]
-    first = cu[seq] + pos * stride
-    return first[:, None] + torch.arange(kernel_size, device=cu.device)[None, :]
+def _num_compressed(cu_seqlens, cu_cmp, n, num_compressed, check_values) -> int:
+    """Nc: read on the host with the value checks (num_compressed None), else the given count,
+    checked against the offsets when ``check_values`` and a host read is possible."""
+    if num_compressed is None:
+        return _read_total(cu_seqlens, cu_cmp, n)
+    check_int("num_compressed", num_compressed, 0)
+    if check_values and index_checks_possible(cu_seqlens):
+        total = _read_total(cu_seqlens, cu_cmp, n)
+        if total != num_compressed:
+            fail(ValueError, "num_compressed", f"must be the number of compressed tokens of cu_seqlens ({total})",
+                 num_compressed)
+    return int(num_compressed)
 
 
-def _pool(x: torch.Tensor, index: torch.Tensor, kind: str, weight, proj, pos_emb) -> torch.Tensor:
-    """Compressed ``[Nc, Hkv, Dout]`` of ``x [N, Hkv, D]`` in x's dtype (float32 accumulation).
+# --------------------------------------------------------------------------- kernels (mean, weighted)
 
-    Windows are gathered kv-head-major: ``[Hkv, ks, Nc, D]`` for mean / weighted (the window
-    position is the contracted dim, next to the heads, so weighted is one bmm over ``Nc * D``
-    columns), ``[Hkv, Nc, ks, D]`` for linear (a row is one flattened window).
-    """
+
+def _kernel_runs(k, v, kind, kernel_size, stride) -> bool:
+    """Whether the generated kernels take this call: mean / weighted pooling of CUDA bf16 / fp16
+    k and v of one head dim, with forward and backward plans on the device's schedule."""
+    if kind == "linear" or k.device.type != "cuda" or k.dtype not in KERNEL_DTYPES or v.shape[2] != k.shape[2]:
+        return False
+    index = k.device.index if k.device.index is not None else torch.cuda.current_device()
+    return _kernels_cover(index, k.dtype, k.shape[2], kernel_size, stride)
+
+
+@torch.compiler.assume_constant_result  # decided at trace time under torch.compile, not traced
+def _kernels_cover(device_index: int, dtype: torch.dtype, head_dim: int, kernel_size: int, stride: int) -> bool:
+    from fsagen.spec import KernelSpec
+    from fsagen.validate import _plan_of as plan_of  # the schedule's plan, memoised
+    from fsagen.validate import device_arch, dtype_name
+
+    arch = device_arch(torch.device("cuda", device_index))
+    try:
+        for phase in ("fwd", "bwd"):
+            plan_of(arch, KernelSpec("comp", phase, G=1, D=head_dim, block_size=0, topk=0, dtype=dtype_name(dtype),
+                                     kernel_size=kernel_size, stride=stride))
+    except (UnsupportedSpec, ScheduleError):  # no kernel for these shapes, or no schedule for this GPU
+        return False
+    return True
+
+
+def _pool_weights(kind, weight, hkv, kernel_size, device) -> torch.Tensor:
+    """float32 ``[Hkv, ks]``: the learned weights, or ``1 / ks`` for mean pooling."""
+    if kind == "mean":
+        return torch.full((hkv, kernel_size), 1.0 / kernel_size, dtype=torch.float32, device=device)
+    return weight.float().contiguous()
+
+
+# --------------------------------------------------------------------------- torch (linear, fallback)
+
+
+def _segments(x, cu_seqlens, cu_cmp, nc, kernel_size, stride):
+    """``(seg [Hkv, M, s, D], first [Nc])``: x copied head-major with every sequence starting on a
+    stride boundary (segment m = rows ``[m*s, (m+1)*s)``; zeros between sequences and after the
+    last), and the first segment of each compressed token's window. ``M = N // s + B + ks // s``
+    bounds the segments without reading a value on the host; a window is ``ks // s`` consecutive
+    segments, all inside its sequence."""
+    n, hkv, d = x.shape
+    cu = cu_seqlens.long()
+    per_seq = (cu[1:] - cu[:-1] + stride - 1) // stride
+    seg0 = torch.cumsum(per_seq, 0) - per_seq  # first segment of each sequence
+    seq = token_sequence(cu, n)
+    dest = seg0[seq] * stride + torch.arange(n, device=x.device) - cu[seq]
+    cseq = token_sequence(cu_cmp, nc)
+    first = seg0[cseq] + torch.arange(nc, device=x.device) - cu_cmp.long()[cseq]
+    m = n // stride + (cu.numel() - 1) + kernel_size // stride
+    padded = x.new_zeros((hkv, m * stride, d)).index_copy(1, dest, x.transpose(0, 1))
+    return padded.view(hkv, m, stride, d), first
+
+
+def _pool_torch(x, cu_seqlens, cu_cmp, nc, kernel_size, stride, kind, weight, proj, pos_emb) -> torch.Tensor:
+    """Compressed ``[Nc, Hkv, Dout]`` of ``x [N, Hkv, D]`` in x's dtype: every window start of the
+    segment layout is pooled from ``ks // s`` shifted views, then the Nc real windows are kept."""
     hkv, d = x.shape[1], x.shape[2]
-    xt = x.transpose(0, 1)  # [Hkv, N, D] view; the gather reads any strides
+    seg, first = _segments(x, cu_seqlens, cu_cmp, nc, kernel_size, stride)
+    nu, m = kernel_size // stride, seg.shape[1]
+    starts = m - nu + 1
     if kind == "linear":
-        win = xt[:, index]  # [Hkv, Nc, ks, D]
-        if pos_emb is not None:
-            win = win + pos_emb.to(x.dtype)[:, None]
-        out = torch.bmm(win.reshape(hkv, index.shape[0], index.shape[1] * d), proj.to(x.dtype))  # [Hkv, Nc, Dout]
+        rows = seg.view(hkv, m, stride * d)
+        p = proj.to(x.dtype)
+        parts = p.view(hkv, nu, stride * d, p.shape[-1])
+        out = sum(torch.bmm(rows[:, u:u + starts], parts[:, u]) for u in range(nu))
+        if pos_emb is not None:  # (window + pos_emb) @ proj = window @ proj + pos_emb @ proj
+            out = out + torch.bmm(pos_emb.to(x.dtype).reshape(hkv, 1, kernel_size * d), p)
     else:
-        win = xt[:, index.t().contiguous()]  # [Hkv, ks, Nc, D]
-        ks, nc = win.shape[1], win.shape[2]
-        if kind == "mean":
-            out = (win.sum(dim=1, dtype=torch.float32) / ks).to(x.dtype)
-        else:
-            out = torch.bmm(weight.to(x.dtype)[:, None, :], win.reshape(hkv, ks, nc * d)).view(hkv, nc, d)
-    return out.transpose(0, 1).contiguous()
+        w = _pool_weights(kind, weight, hkv, kernel_size, x.device).view(hkv, nu, stride)
+        segf = seg.float()
+        out = sum(torch.einsum("hmpd,hp->hmd", segf[:, u:u + starts], w[:, u]) for u in range(nu))
+    return out[:, first].transpose(0, 1).to(x.dtype).contiguous()
 
 
 def compress(
@@ -166,6 +236,8 @@ def compress(
     proj_k: torch.Tensor | None = None,
     proj_v: torch.Tensor | None = None,
     pos_emb: torch.Tensor | None = None,
+    num_compressed: int | None = None,
+    check_values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Compress k ``[N, Hkv, D]`` and v ``[N, Hkv, Dv]`` per sequence of the packed batch.
 
@@ -184,18 +256,19 @@ def compress(
     kernel_size)``; there are ``(L - kernel_size) // stride + 1`` of them (0 if L < kernel_size);
     ``kernel_size % stride == 0`` is required.  ``cu_seqlens`` is int32 ``[B + 1]`` on k's device.
 
-    Parameters may have any floating dtype; they are cast to k's dtype for the products (their
-    gradients come back in their own dtype).  Inputs of any strides are accepted: the window
-    gather reads them directly (it copies every window anyway), so no separate ``.contiguous()``
-    copy is made.
+    Mean and weighted pooling of CUDA bf16 / fp16 inputs with ``Dv == D`` run the generated
+    kernels (``fsagen::compress_pool``; weights in float32); everything else runs in torch
+    (module docstring).  Parameters may have any floating dtype; the linear ones are cast to k's
+    dtype for the products; gradients come back in each parameter's own dtype.  Inputs of any
+    strides are accepted.
 
-    Memory: the gathered windows of k and v are ``kernel_size / stride`` times the size of k and v
-    (autograd keeps them for the weighted and linear backward).
-
-    Host synchronisation: the number of compressed tokens sizes the outputs, so it is read on the
-    host, in one small device->host copy that also carries the value checks of ``cu_seqlens``
-    (starts at 0, non-decreasing, ends at N).  Everything else stays on the device.  (Hence the
-    op is not capturable in a CUDA graph and torch.compile breaks the graph there.)
+    Host synchronisation: the number of compressed tokens ``Nc`` sizes the outputs. With
+    ``num_compressed=None`` it is read on the host, in one small device->host copy that also
+    carries the value checks of ``cu_seqlens`` (starts at 0, non-decreasing, ends at N).  Give
+    ``num_compressed`` (the sum over sequences of ``(L - kernel_size) // stride + 1``, 0 for
+    short ones) to skip that read; it is then checked against ``cu_seqlens`` (one sync) only if
+    ``check_values`` and outside CUDA-graph capture / torch.compile tracing, so with
+    ``check_values=False`` compression reads nothing on the host and can be captured.
 
     Returns ``(k_cmp [Nc, Hkv, D], v_cmp [Nc, Hkv, Dv], cu_seqlens_cmp int32 [B + 1])``, contiguous,
     in k's dtype, on k's device.  Differentiable (autograd) with respect to k, v and the parameters.
@@ -207,8 +280,16 @@ def compress(
     params = {"weight": weight, "proj_k": proj_k, "proj_v": proj_v, "pos_emb": pos_emb}
     _check_params(kind, params, k, v, kernel_size)
     _check_cu_seqlens_meta(cu_seqlens, k)
-    cu, cu_cmp, nc = _compressed_offsets(cu_seqlens, k.shape[0], kernel_size, stride)
-    index = _window_index(cu, cu_cmp, nc, kernel_size, stride)
-    k_cmp = _pool(k, index, kind, weight, proj_k, pos_emb)
-    v_cmp = _pool(v, index, kind, weight, proj_v, pos_emb)
-    return k_cmp, v_cmp, cu_cmp.to(torch.int32)
+    cu_cmp = expected_cu_seqlens_cmp(cu_seqlens, kernel_size, stride)
+    nc = _num_compressed(cu_seqlens, cu_cmp, k.shape[0], num_compressed, check_values)
+    if _kernel_runs(k, v, kind, kernel_size, stride):
+        from fsagen import ops_compress  # noqa: F401  (registers torch.ops.fsagen.compress_pool)
+
+        w = _pool_weights(kind, weight, k.shape[1], kernel_size, k.device)
+        k_cmp, v_cmp = torch.ops.fsagen.compress_pool(k.contiguous(), v.contiguous(), w, cu_seqlens.contiguous(),
+                                                      cu_cmp, nc, kernel_size, stride)
+        return k_cmp, v_cmp, cu_cmp
+    pool = (cu_seqlens, cu_cmp, nc, kernel_size, stride, kind, weight)
+    k_cmp = _pool_torch(k, *pool, proj_k, pos_emb)
+    v_cmp = _pool_torch(v, *pool, proj_v, pos_emb)
+    return k_cmp, v_cmp, cu_cmp

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
 
-from fsagen.compression import _pool, compress
+from fsagen.compression import compress
 from fsagen.ops import selected_attention
 from fsagen.ops_dense import compressed_attention, select_blocks, sliding_window_attention
 from fsagen.reference_cmp import COMPRESS_KINDS, COMPRESS_OPTIONAL, COMPRESS_REQUIRED
@@ -102,17 +102,13 @@ def shapes_only(*tensors: Tensor) -> bool:
 
 def compress_kv(k: Tensor, v: Tensor, cu_seqlens: Tensor, kernel_size: int, stride: int, compression: str = "mean",
                 compression_params: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`fsagen.compress` with the arguments of :func:`nsa_attention`; on meta / fake tensors a
-    shape-only stand-in (``N // stride`` rows, the offsets left as ``cu_seqlens``' copy)."""
+    """:func:`fsagen.compress` with the arguments of :func:`nsa_attention`; on meta / fake tensors,
+    where no count can be read, with ``N // stride`` compressed rows (an upper bound of the real
+    count, since ks >= s), still wired to k, v and the parameters for autograd."""
     params = dict(compression_params or {})
-    if not shapes_only(k, v, cu_seqlens):
-        return compress(k, v, cu_seqlens, kernel_size, stride, compression, **params)
-    nc = k.shape[0] // stride  # >= sum over sequences of (L - ks) // s + 1, since ks >= s
-    # compress's own pooling (a private helper, shared so that the stand-in keeps its autograd graph)
-    index = torch.zeros(nc, kernel_size, dtype=torch.long, device=k.device)
-    k_cmp = _pool(k, index, compression, params.get("weight"), params.get("proj_k"), params.get("pos_emb"))
-    v_cmp = _pool(v, index, compression, params.get("weight"), params.get("proj_v"), params.get("pos_emb"))
-    return k_cmp, v_cmp, cu_seqlens.clone()
+    if shapes_only(k, v, cu_seqlens):
+        params.update(num_compressed=k.shape[0] // stride, check_values=False)
+    return compress(k, v, cu_seqlens, kernel_size, stride, compression, **params)
 
 
 # --------------------------------------------------------------------------- the branches

@@ -14,14 +14,16 @@ from fsagen.errors import NoGPU, ScheduleError, UnsupportedSpec
 from fsagen.paths import schedules_dir
 from fsagen.spec import BRANCHES, KernelSpec, read_toml, canonical_key
 
-LOOP_ORDERS = ("kv_outer", "q_outer", "dense", "sel")
+LOOP_ORDERS = ("kv_outer", "q_outer", "dense", "sel", "comp")
 # The loop orders (program families, fsagen/kernels) that can run each branch: the selected blocks
-# in either order; the contiguous key ranges of cmp and swa by the dense programs; sel by its own.
+# in either order; the contiguous key ranges of cmp and swa by the dense programs; sel and comp by
+# their own.
 BRANCH_LOOP_ORDERS = {
     "slc": ("kv_outer", "q_outer"),
     "cmp": ("dense",),
     "swa": ("dense",),
     "sel": ("sel",),
+    "comp": ("comp",),  # compression (pooling of raw k/v)
 }
 # Every knob a schedule may set, its type, and a rule each value must keep.  Which knobs a plan
 # needs is the kernels' business: fsagen.kernels.REQUIRED_KNOBS[(loop_order, phase)].

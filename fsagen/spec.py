@@ -17,8 +17,9 @@ from fsagen.errors import GridError, SpecError, UnsupportedSpec
 from fsagen.paths import default_grid_file
 
 # slc: attention over the selected blocks; cmp: attention over the compressed tokens; swa: sliding
-# window attention; sel: top-k block selection from the compressed branch's scores.
-BRANCHES = ("slc", "cmp", "swa", "sel")
+# window attention; sel: top-k block selection from the compressed branch's scores; comp: compression
+# of raw k/v into compressed tokens (mean / weighted pooling; no query heads, so G is 1).
+BRANCHES = ("slc", "cmp", "swa", "sel", "comp")
 PHASES = ("fwd", "bwd")
 # dtype name -> short form used in readable names
 DTYPES = {"bfloat16": "bf16", "float16": "fp16"}
@@ -33,10 +34,13 @@ BRANCH_RULES: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
     "swa": (PHASES, {"block_size": _ZERO, "topk": _ZERO, "kernel_size": _ZERO, "stride": _ZERO}),
     "sel": (("fwd",), {"block_size": _POSITIVE, "topk": _POSITIVE, "kernel_size": _POSITIVE,
                        "stride": _POSITIVE}),
+    "comp": (PHASES, {"block_size": _ZERO, "topk": _ZERO, "kernel_size": _POSITIVE, "stride": _POSITIVE}),
 }
 _UNUSED_WHY = {"cmp": "its key range is a runtime argument", "swa": "its key range is a runtime argument"}
 # (branch, field, divisor field): field must be a multiple of the divisor field
-_MULTIPLES = (("sel", "kernel_size", "stride"), ("sel", "block_size", "stride"))
+_MULTIPLES = (("sel", "kernel_size", "stride"), ("sel", "block_size", "stride"), ("comp", "kernel_size", "stride"))
+# (branch, field, the only value it may take)
+_FIXED = (("comp", "G", 1),)
 
 
 def _check_choice(owner: str, field: str, value, choices) -> None:
@@ -102,6 +106,9 @@ class KernelSpec:
                 raise SpecError(
                     f"KernelSpec.{name}={value!r}: must be a multiple of {divisor}={by} for branch {branch!r}"
                 )
+        for branch, name, only in _FIXED:
+            if self.branch == branch and getattr(self, name) != only:
+                raise SpecError(f"KernelSpec.{name}={getattr(self, name)!r}: must be {only} for branch {branch!r}")
 
     @property
     def key(self) -> str:
@@ -117,6 +124,7 @@ class KernelSpec:
         shape = {
             "slc": f"_bs{self.block_size}_k{self.topk}",
             "sel": f"_bs{self.block_size}_ks{self.kernel_size}_s{self.stride}_k{self.topk}",
+            "comp": f"_ks{self.kernel_size}_s{self.stride}",
         }.get(self.branch, "")
         return f"{self.branch}_{self.phase}_{DTYPES[self.dtype]}_g{self.G}_d{self.D}{shape}-{self.short_hash}"
 

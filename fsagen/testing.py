@@ -156,3 +156,18 @@ def log_errors(tag: str, case: str, errs: dict, fields: tuple[str, ...]) -> None
             f.write(("\n" if lines else "") + header + "\n|---|" + "---|" * len(fields) + "\n")
         cells = (f"{errs[k]:.3e}" if k in errs else "not measured" for k in fields)
         f.write(f"| {case} | " + " | ".join(cells) + " |\n")
+
+
+def capture_cuda_graph(step, warmup: int = 2):
+    """``(graph, outputs)``: ``step()`` run ``warmup`` times on a side stream (kernels loaded,
+    eager checks done), then captured once into a CUDA graph whose replays rewrite ``outputs``."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+    return graph, outputs

@@ -69,8 +69,9 @@ def test_plans_per_branch(loop_orders):
             assert orders == list(BRANCH_LOOP_ORDERS[spec.branch]), spec.name
 
 
-# the ci subset: 4 slc specs (2 loop orders each with --loop-orders all) + 5 cmp/swa (dense) and sel (sel) specs
-CI_AUTO, CI_ALL = 9, 4 * 2 + 5
+# the ci subset: 4 slc specs (2 loop orders each with --loop-orders all) + 5 cmp/swa (dense) and sel (sel)
+# specs + 2 comp (compression) specs
+CI_AUTO, CI_ALL = 11, 4 * 2 + 5 + 2
 PROGRESS = re.compile(r"\[ *(\d+/\d+)\] (\S+)  (\S+) ")
 
 
@@ -85,7 +86,8 @@ def test_build_list_show_clean(env, tmp_path):
     lines = PROGRESS.findall(first.stdout)
     assert len(lines) == CI_ALL and lines[-1][0] == f"{CI_ALL}/{CI_ALL}"
     built = {(name.split("_")[0], order) for _, name, order in lines}
-    assert built == {("slc", "kv_outer"), ("slc", "q_outer"), ("cmp", "dense"), ("swa", "dense"), ("sel", "sel")}
+    assert built == {("slc", "kv_outer"), ("slc", "q_outer"), ("cmp", "dense"), ("swa", "dense"), ("sel", "sel"),
+                     ("comp", "comp")}
     manifest = json.loads((out / "sm90" / "manifest.json").read_text())
     assert len(manifest["artifacts"]) == CI_ALL and manifest["subset"] == "ci"
     assert manifest["versions"]["tilelang"]

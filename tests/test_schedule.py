@@ -138,7 +138,7 @@ def test_unsupported_spec_names_field_and_rule(make, field, value, scope, extra)
 
 
 def test_branch_tables_apply_to_their_branch_only():
-    assert set(SM90.branch_supports) == {"slc", "sel"}
+    assert set(SM90.branch_supports) == {"slc", "sel", "comp"}
     assert "block_size" not in SM90.supports  # cmp and swa specs have block_size 0
     SM90.check_supported(cmp_spec())
     SM90.check_supported(cmp_spec(branch="swa", phase="bwd"))
@@ -209,7 +209,7 @@ def test_missing_dense_knob_is_an_error_naming_it(tmp_path, make, knob):
 
 
 def test_branch_outside_supports_is_unsupported(tmp_path):
-    schedule = Schedule.from_file(_schedule(tmp_path, BASE.replace('branch = ["slc", "cmp", "swa", "sel"]',
+    schedule = Schedule.from_file(_schedule(tmp_path, BASE.replace('branch = ["slc", "cmp", "swa", "sel", "comp"]',
                                                                    'branch = ["slc", "cmp"]', 1)))
     schedule.plan(cmp_spec())
     with pytest.raises(UnsupportedSpec, match=r"KernelSpec\.branch='swa' is not supported.*branch must be one of"):

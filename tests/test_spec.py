@@ -13,6 +13,7 @@ SPECS = {
     "cmp": KernelSpec("cmp", "fwd", 4, 128, 0, 0, "bfloat16"),
     "swa": KernelSpec("swa", "bwd", 2, 64, 0, 0, "float16"),
     "sel": KernelSpec("sel", "fwd", 4, 128, 64, 16, "bfloat16", kernel_size=32, stride=16),
+    "comp": KernelSpec("comp", "fwd", 1, 128, 0, 0, "bfloat16", kernel_size=32, stride=16),
 }
 
 
@@ -65,6 +66,7 @@ def test_every_field_changes_name_and_hash(spec):
     ("cmp", "cmp_fwd_bf16_g4_d128"),
     ("swa", "swa_bwd_fp16_g2_d64"),
     ("sel", "sel_fwd_bf16_g4_d128_bs64_ks32_s16_k16"),
+    ("comp", "comp_fwd_bf16_g1_d128_ks32_s16"),
 ])
 def test_name_is_readable_with_short_hash(branch, readable):
     spec = SPECS[branch]
@@ -99,6 +101,12 @@ BRANCH_CASES = [
     ("sel", {"kernel_size": 48, "stride": 32}, "kernel_size", r"must be a multiple of stride=32 for branch 'sel'"),
     ("sel", {"block_size": 80, "kernel_size": 64, "stride": 32}, "block_size",
      r"must be a multiple of stride=32 for branch 'sel'"),
+    ("comp", {"G": 4}, "G", r"must be 1 for branch 'comp'"),
+    ("comp", {"kernel_size": 0}, "kernel_size", r"must be >= 1 for branch 'comp'"),
+    ("comp", {"stride": 0}, "stride", r"must be >= 1 for branch 'comp'"),
+    ("comp", {"block_size": 64}, "block_size", r"must be == 0 for branch 'comp' \(unused by its kernels\)"),
+    ("comp", {"topk": 16}, "topk", r"must be == 0 for branch 'comp'"),
+    ("comp", {"kernel_size": 48, "stride": 32}, "kernel_size", r"must be a multiple of stride=32 for branch 'comp'"),
 ]
 
 
@@ -109,7 +117,7 @@ def test_branch_rules_name_field_and_rule(branch, changes, field, rule):
         dataclasses.replace(SPECS[branch], **changes)
 
 
-@pytest.mark.parametrize("branch", ["cmp", "swa"])
+@pytest.mark.parametrize("branch", ["cmp", "swa", "comp"])
 def test_dense_branches_have_both_phases(branch):
     for phase in PHASES:
         assert dataclasses.replace(SPECS[branch], phase=phase).phase == phase
@@ -156,26 +164,30 @@ def test_default_grid():
     specs = load_grid()
     by_branch = {b: [s for s in specs if s.branch == b] for b in BRANCHES}
     assert {b: len(v) for b, v in by_branch.items()} == {
-        "slc": 2 * 5 * 2 * 2 * 2, "cmp": 2 * 5 * 2 * 2, "swa": 2 * 5 * 2 * 2, "sel": 5 * 2 * 2 * 3}
-    assert len(specs) == 220
+        "slc": 2 * 5 * 2 * 2 * 2, "cmp": 2 * 5 * 2 * 2, "swa": 2 * 5 * 2 * 2, "sel": 5 * 2 * 2 * 3,
+        "comp": 2 * 2 * 2 * 3}
+    assert len(specs) == 244
     assert len({s.name for s in specs}) == len(specs)
     assert {(s.block_size, s.topk) for s in by_branch["slc"]} == {(64, 16), (128, 8)}
     assert {(s.block_size, s.kernel_size, s.stride, s.topk) for s in by_branch["sel"]} == {
         (64, 32, 16, 16), (128, 64, 32, 8), (64, 32, 32, 16)}
     assert {s.phase for s in by_branch["sel"]} == {"fwd"}
+    assert {(s.kernel_size, s.stride) for s in by_branch["comp"]} == {(32, 16), (64, 32), (32, 32)}
+    assert {s.G for s in by_branch["comp"]} == {1}  # compression has no query heads
     for b in BRANCHES:
-        assert {s.G for s in by_branch[b]} == {1, 2, 4, 8, 16}
+        assert {s.G for s in by_branch[b]} == ({1} if b == "comp" else {1, 2, 4, 8, 16})
         assert {s.D for s in by_branch[b]} == {64, 128}
         assert {s.dtype for s in by_branch[b]} == set(DTYPES)
-    for b in ("cmp", "swa"):
+    for b in ("cmp", "swa", "comp"):
         assert {s.phase for s in by_branch[b]} == set(PHASES)
     ci = load_grid(subset="ci")
-    assert 0 < len(ci) < 12 and set(ci) <= set(specs)
+    assert 0 < len(ci) < 14 and set(ci) <= set(specs)
     assert {s.phase for s in ci} == {"fwd", "bwd"}
     assert [(s.branch, s.phase, s.G, s.D, s.dtype) for s in ci if s.branch != "slc"] == [
         ("cmp", "fwd", 4, 128, "bfloat16"), ("cmp", "bwd", 4, 128, "bfloat16"),
-        ("swa", "fwd", 2, 64, "float16"), ("swa", "bwd", 1, 128, "bfloat16"), ("sel", "fwd", 4, 128, "bfloat16")]
-    assert ci[-1] == SPECS["sel"]
+        ("swa", "fwd", 2, 64, "float16"), ("swa", "bwd", 1, 128, "bfloat16"), ("sel", "fwd", 4, 128, "bfloat16"),
+        ("comp", "fwd", 1, 128, "bfloat16"), ("comp", "bwd", 1, 64, "float16")]
+    assert ci[-3] == SPECS["sel"] and ci[-2] == SPECS["comp"]
 
 
 GRID = """

@@ -10,6 +10,8 @@ Program families ("loop orders" in a schedule):
   branch (cmp, keys are compressed tokens) and the sliding window (swa) share one program whose
   mask is the branch's key range.
 * ``sel``: top-k block selection (``select.py``), re-reading cmp's tiles the same way.
+* ``comp``: compression of raw k/v into compressed tokens (``compress.py``; mean and weighted
+  pooling are one program with per-(kv head, window position) weights).
 """
 
 # Knobs each (loop order, phase) reads from its plan. The schedule layer validates plans against
@@ -22,6 +24,9 @@ REQUIRED_KNOBS = {
     ("dense", "fwd"): ("rows", "keys", "threads", "num_stages"),
     ("dense", "bwd"): ("rows", "keys", "bwd_threads", "num_stages", "q_split"),
     ("sel", "fwd"): ("rows", "keys", "threads"),
+    # comp: rows = raw rows per tile (a multiple of the stride)
+    ("comp", "fwd"): ("rows", "threads"),
+    ("comp", "bwd"): ("rows", "bwd_threads"),
 }
 
 _DTYPES = {"bfloat16": "bfloat16", "float16": "float16"}
@@ -31,6 +36,8 @@ def stage_names(branch: str, loop_order: str, phase: str) -> tuple:
     """Stages a plan compiles to, in launch order."""
     if branch == "sel":
         return ("sel_topk",)
+    if branch == "comp":
+        return ("comp_fwd",) if phase == "fwd" else ("comp_bwd_dx", "comp_bwd_dw")
     return {
         ("kv_outer", "fwd"): ("kv_fwd_stats", "kv_fwd_accum"),
         ("kv_outer", "bwd"): ("row_dot", "kv_bwd"),
@@ -91,6 +98,18 @@ def _sel_builders(spec, plan, dtype):
     }
 
 
+def _comp_builders(spec, plan, dtype):
+    from . import compress
+
+    knob = plan.knob
+    shape = (spec.D, dtype, spec.kernel_size, spec.stride, knob("rows"))
+    return {
+        "comp_fwd": lambda: compress.comp_fwd(*shape, knob("threads")),
+        "comp_bwd_dx": lambda: compress.comp_bwd_dx(*shape, knob("bwd_threads")),
+        "comp_bwd_dw": lambda: compress.comp_bwd_dw(*shape, knob("bwd_threads")),
+    }
+
+
 def build_programs(spec, plan) -> dict:
     """Fresh PrimFuncs for every stage of ``plan`` applied to ``spec``."""
     dtype = _DTYPES[spec.dtype]
@@ -100,6 +119,8 @@ def build_programs(spec, plan) -> dict:
         builders = _dense_builders(spec, plan, dtype)
     elif spec.branch == "sel":
         builders = _sel_builders(spec, plan, dtype)
+    elif spec.branch == "comp":
+        builders = _comp_builders(spec, plan, dtype)
     else:
         raise ValueError(f"no programs for branch {spec.branch!r}")
     return {name: builders[name]() for name in stage_names(spec.branch, plan.loop_order, spec.phase)}

@@ -14,7 +14,7 @@ import torch
 
 import fsagen
 from fsagen.reference import slc_reference
-from fsagen.testing import random_cu_seqlens, random_topk_idx, rel_err
+from fsagen.testing import capture_cuda_graph, random_cu_seqlens, random_topk_idx, rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -186,15 +186,7 @@ def test_cuda_graph_capture_and_replay():
         o = fsagen.selected_attention(q, k, v, idx, bs, cu)
         return (o, *torch.autograd.grad(o, (q, k, v), do))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up: compiles/loads kernels, runs the checks eagerly
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step()
+    graph, outs = capture_cuda_graph(step)  # warm-up compiles/loads kernels, runs the checks eagerly
 
     q1, k1, v1, idx1, cu1, _ = _small_case(gen, n=2000, G=4, topk=8)
     with torch.no_grad():
