@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,6 +140,7 @@ class Schedule:
         target = data.get("target")
         if not isinstance(target, dict) or "kind" not in target:
             raise ScheduleError(f"{where}: [target] must be a table with at least 'kind'")
+        _check_target(target, f"{where}: [target]")
         supports, branch_supports = _split_supports(data.get("supports", {}), where)
         defaults = {}
         for order, knobs in data.get("knobs", {}).items():
@@ -251,6 +253,21 @@ def _check_rule_branches(when: dict, loop_order: str, where: str) -> None:
         )
 
 
+# [target] keys with a meaning to fsagen (fsagen/lower.py): their type and rule.  Other keys go to
+# TileLang as they are (kind, arch, code, ...), which checks them when it compiles.
+TARGET_KEYS: dict[str, tuple[type, object, str]] = {
+    "embed_ptx": (bool, lambda v: True, "true or false"),
+    "max_shared_memory_per_block": (int, lambda v: v > 0, "a positive number of bytes"),
+}
+
+
+def _check_target(target: dict, where: str) -> None:
+    _check_values(target, TARGET_KEYS, where, "key", known_only=False)
+    if target.get("embed_ptx") and not str(target.get("arch", "")).startswith("sm_"):
+        raise ScheduleError(f"{where}: embed_ptx = true needs arch = 'sm_XX' (the PTX is compute_XX), "
+                            f"got arch={target.get('arch')!r}")
+
+
 def _check_conditions(conditions: dict, where: str) -> None:
     for name, cond in conditions.items():
         if name not in _SPEC_FIELDS:
@@ -260,14 +277,22 @@ def _check_conditions(conditions: dict, where: str) -> None:
 
 
 def _check_knobs(knobs: dict, where: str) -> None:
-    for name, value in knobs.items():
-        if name not in KNOBS:
-            raise ScheduleError(f"{where}: unknown knob {name!r}; knobs are {list(KNOBS)}")
-        kind, ok, rule = KNOBS[name]
+    _check_values(knobs, KNOBS, where, "knob")
+
+
+def _check_values(values: dict, table: dict, where: str, what: str, known_only: bool = True) -> None:
+    """Each of `values` against `table` ({name: (type, check, rule)}); names not in it are an
+    error when `known_only`, else left alone."""
+    for name, value in values.items():
+        if name not in table:
+            if known_only:
+                raise ScheduleError(f"{where}: unknown {what} {name!r}; {what}s are {list(table)}")
+            continue
+        kind, ok, rule = table[name]
         if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
-            raise ScheduleError(f"{where}: knob {name!r} must be {kind.__name__}, got {value!r}")
+            raise ScheduleError(f"{where}: {what} {name!r} must be {kind.__name__}, got {value!r}")
         if not ok(value):
-            raise ScheduleError(f"{where}: knob {name!r}={value!r} must be {rule}")
+            raise ScheduleError(f"{where}: {what} {name!r}={value!r} must be {rule}")
 
 
 def known_arches() -> list[str]:
@@ -292,7 +317,15 @@ def load_schedule(arch: str) -> Schedule:
 
 
 def detect_arch() -> str:
-    """The arch of the current CUDA device, e.g. 'sm90' for compute capability 9.0."""
+    """The arch of the current CUDA device, e.g. 'sm90' for compute capability 9.0.
+
+    $FSAGEN_ARCH overrides it (any spelling normalize_arch accepts): the way to run another
+    schedule's kernels on this GPU, e.g. FSAGEN_ARCH=sm80 on an H100 runs the sm80 kernels through
+    their embedded compute_80 PTX (schedules/README.md).
+    """
+    forced = os.environ.get("FSAGEN_ARCH")
+    if forced:
+        return normalize_arch(forced)
     import torch
 
     if not torch.cuda.is_available():
