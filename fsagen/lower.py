@@ -155,10 +155,10 @@ def dynamic_shared_memory(host_source: str, kernel_source: str) -> dict[str, int
 
     In TileLang's tvm_ffi host code a launch packs the kernel's arguments, then the grid and
     block extents, and last the dynamic shared memory size (when the kernel has some, i.e. its
-    source declares ``buf_dyn_shmem``) before calling ``<kernel>_packed``.
+    source declares an ``extern __shared__`` buffer) before calling ``<kernel>_packed``.
     """
     usage: dict[str, int] = {}
-    if "buf_dyn_shmem" not in kernel_source:
+    if "extern __shared__" not in kernel_source:
         return usage
     kernels = set(_KERNEL.findall(kernel_source))
     for call in _LAUNCH.finditer(host_source):
