@@ -40,6 +40,10 @@ KNOBS: dict[str, tuple[type, object, str]] = {
     "q_split": (int, lambda v: v >= 0, ">= 0"),
 }
 
+# Knob values that need a newer GPU than the schedule's [target] arch: (knob, value) -> the lowest
+# SM version that can run them (scatter "tma": TMA bulk reduce-adds, Hopper and later).
+KNOB_MIN_SM = {("scatter", "tma"): 90}
+
 
 def required_knobs(loop_order: str, phase: str) -> tuple[str, ...]:
     """The knobs the kernels read for (loop_order, phase); imported lazily (no TileLang import)."""
@@ -146,7 +150,7 @@ class Schedule:
         for order, knobs in data.get("knobs", {}).items():
             if order not in LOOP_ORDERS:
                 raise ScheduleError(f"{where}: [knobs.{order}]: unknown loop order; known: {list(LOOP_ORDERS)}")
-            _check_knobs(knobs, f"{where}: [knobs.{order}]")
+            _check_knobs(knobs, f"{where}: [knobs.{order}]", target)
             defaults[order] = dict(knobs)
         if not defaults:
             raise ScheduleError(f"{where}: no [knobs.<loop order>] table")
@@ -163,7 +167,7 @@ class Schedule:
             _check_conditions(when, f"{at} when")
             _check_rule_branches(when, order, at)
             knobs = raw.get("knobs", {})
-            _check_knobs(knobs, f"{at} knobs")
+            _check_knobs(knobs, f"{at} knobs", target)
             rules.append(Rule(tuple(when.items()), order, tuple(knobs.items()), i + 1))
         return cls(path.stem, path, target, supports, defaults, rules, branch_supports)
 
@@ -276,8 +280,20 @@ def _check_conditions(conditions: dict, where: str) -> None:
             raise ScheduleError(f"{where}: {name} range must have only 'min' and/or 'max', got {cond}")
 
 
-def _check_knobs(knobs: dict, where: str) -> None:
+def _check_knobs(knobs: dict, where: str, target: dict) -> None:
     _check_values(knobs, KNOBS, where, "knob")
+    sm = _target_sm(target)
+    for name, value in knobs.items():
+        needed = KNOB_MIN_SM.get((name, value))
+        if needed is not None and sm is not None and sm < needed:
+            raise ScheduleError(f"{where}: knob {name!r}={value!r} needs sm_{needed} or newer; "
+                                f"[target] arch is {target.get('arch')!r}")
+
+
+def _target_sm(target: dict) -> int | None:
+    """80 for arch 'sm_80', 90 for 'sm_90a'; None when the arch is not an sm_XX token."""
+    digits = str(target.get("arch", "")).removeprefix("sm_").rstrip("abf")
+    return int(digits) if str(target.get("arch", "")).startswith("sm_") and digits.isdigit() else None
 
 
 def _check_values(values: dict, table: dict, where: str, what: str, known_only: bool = True) -> None:

@@ -322,6 +322,10 @@ SM80_TEXT = Path(SM80.path).read_text()
      r"\[target\]: key 'max_shared_memory_per_block'=0 must be a positive number of bytes"),
     (('arch = "sm_80"', 'arch = "80"'), r"\[target\]: embed_ptx = true needs arch = 'sm_XX'"),
     (('scatter = "x2"', 'scatter = "x8"'), r"\[knobs.kv_outer\]: knob 'scatter'='x8' must be one of"),
+    (('scatter = "x2"', 'scatter = "tma"'), r"\[knobs.kv_outer\]: knob 'scatter'='tma' needs sm_90 or newer; "
+                                            r"\[target\] arch is 'sm_80'"),
+    (("knobs = { q_split = 4096 }", 'knobs = { q_split = 4096, scatter = "tma" }'),
+     r"\[\[rules\]\] #1 knobs: knob 'scatter'='tma' needs sm_90"),
     (("q_threads = 128", "q_threads = 100"), r"\[knobs.q_outer\]: knob 'q_threads'=100 must be a positive multiple of 32"),
     (("keys = 64\nthreads = 128", "key = 64\nthreads = 128"), r"\[knobs.dense\]: unknown knob 'key'"),
     (("knobs = { q_split = 4096 }", "knobs = { q_split = 4096.0 }"), r"\[\[rules\]\] #1 knobs: knob 'q_split' must be int"),
