@@ -183,7 +183,7 @@ def test_spec_the_schedule_does_not_support_names_schedule_and_field(arch, capsy
 
 def test_broken_schedule_file_is_one_line_naming_file_and_knob(capsys, monkeypatch, tmp_path):
     """A user's schedule directory (FSAGEN_SCHEDULES_DIR) with a wrong knob value."""
-    text = load_schedule("sm80").path.read_text().replace("q_threads = 128", "q_threads = 96", 1)
+    text = load_schedule("sm80").path.read_text().replace("q_threads = 128", "q_threads = 100", 1)
     (tmp_path / "sm80.toml").write_text(text)
     monkeypatch.setenv("FSAGEN_SCHEDULES_DIR", str(tmp_path))
     monkeypatch.setenv("FSAGEN_GENERATED_DIR", str(tmp_path / "g"))
@@ -196,4 +196,4 @@ def test_broken_schedule_file_is_one_line_naming_file_and_knob(capsys, monkeypat
         schedule.load_schedule.cache_clear()
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
-    assert f"{tmp_path / 'sm80.toml'}: [knobs.q_outer]: knob 'q_threads'=96 must be a positive multiple of 32" in err
+    assert f"{tmp_path / 'sm80.toml'}: [knobs.q_outer]: knob 'q_threads'=100 must be a positive multiple of 32" in err
