@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from fsagen import __version__
-from fsagen.errors import ArtifactError
+from fsagen.errors import ArtifactError, ScheduleError
 from fsagen.paths import cache_dir, generated_dir, kernels_dir
 from fsagen.schedule import Plan, detect_arch, load_schedule
 from fsagen.spec import KernelSpec, short_hash
@@ -251,10 +251,14 @@ def ensure_artifact(spec: KernelSpec, plan: Plan, arch: str, root: Path | None =
             return found, False
         root = cache_dir()
     dest = Path(root) / schedule.arch / name
-    built = build_artifact(
-        lambda: programs_factory()(spec, plan), key, schedule.target, dest,
-        extra_meta={"spec": spec.to_dict(), "plan": plan.to_dict(), "arch": schedule.arch},
-    )
+    try:
+        built = build_artifact(
+            lambda: programs_factory()(spec, plan), key, schedule.target, dest,
+            extra_meta={"spec": spec.to_dict(), "plan": plan.to_dict(), "arch": schedule.arch},
+        )
+    except ScheduleError as exc:  # e.g. a stage over the target's shared memory: name the plan
+        raise ScheduleError(f"schedule {schedule.arch} ({schedule.path}), {spec.name}, "
+                            f"{plan.loop_order} knobs {dict(plan.knobs)}: {exc}") from None
     return dest, built
 
 

@@ -19,16 +19,61 @@ Findings for TileLang 0.1.15 (execution_backend="tvm_ffi"), used by fsagen.cache
     and outputs) and returns None; the caller allocates outputs (e.g. with torch.empty on the
     current stream).  With out_idx set, TileLang's adapter would allocate outputs itself, which
     fsagen does not use (allocation belongs to the glue, so buffers can be reused).
+(d) Targets and PTX.  A schedule's [target] table goes to tilelang.compile as is, except fsagen's
+    own keys (FSAGEN_TARGET_KEYS).  TileLang has nvcc write a cubin (one SASS, no PTX) unless the
+    target's `code` lists two or more SM tokens, then a fatbin; `code` accepts only sm_* tokens, and
+    a `-gencode ...,code=compute_XX` flag next to --cubin fails ("multiple GPU code instances").
+    So `embed_ptx = true` lists the arch twice in `code` (fatbin of sm_XX SASS) and adds the
+    compute_XX PTX through TL_DEVICE_COMPILE_FLAGS: the driver JIT-compiles that PTX on GPUs newer
+    than the arch (an sm80 build runs on an H100).  `fatbin_entries` lists what a library holds.
+(e) Shared memory.  TileLang sizes each kernel's dynamic shared memory at compile time and passes
+    it as the last launch argument in the host code; `dynamic_shared_memory` reads it from there,
+    and a stage above the target's `max_shared_memory_per_block` (a TVM CUDA target attribute; the
+    check is fsagen's, TileLang does not make it) fails its build naming the stage and the limit.
 """
 from __future__ import annotations
 
 import re
+import struct
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+from fsagen.errors import ScheduleError
+
 EXECUTION_BACKEND = "tvm_ffi"
+# [target] keys that fsagen interprets instead of passing them to TileLang (see (d) above).
+FSAGEN_TARGET_KEYS = ("embed_ptx",)
+SHARED_MEMORY_LIMIT = "max_shared_memory_per_block"
+
+
+def tilelang_target(target: dict) -> tuple[dict, dict]:
+    """(TileLang target dict, extra pass configs) of a schedule's [target] table; see (d) above."""
+    from tilelang.transform import PassConfigKey
+
+    tl_target = {k: v for k, v in target.items() if k not in FSAGEN_TARGET_KEYS}
+    pass_configs = {}
+    if target.get("embed_ptx"):
+        arch = str(target["arch"])
+        if not arch.startswith("sm_"):
+            raise ValueError(f"[target] embed_ptx needs arch = 'sm_XX', got arch={arch!r}")
+        code = list(tl_target.get("code", [arch]))
+        tl_target["code"] = code if len(code) > 1 else code * 2  # two entries: nvcc writes a fatbin
+        compute = "compute_" + arch.removeprefix("sm_")
+        pass_configs[PassConfigKey.TL_DEVICE_COMPILE_FLAGS] = ["-gencode", f"arch={compute},code={compute}"]
+    return tl_target, pass_configs
+
+
+def _merge_pass_configs(base: dict, stage: dict) -> dict:
+    """Stage pass configs over the target's; device compile flags (lists) are concatenated."""
+    from tilelang.transform import PassConfigKey
+
+    merged = {**base, **stage}
+    flags = PassConfigKey.TL_DEVICE_COMPILE_FLAGS
+    if flags in base and flags in stage:
+        merged[flags] = [*base[flags], *stage[flags]]
+    return merged
 
 
 def _split_program(program):
@@ -60,23 +105,33 @@ def compile_programs(programs: dict, target: dict, dest: Path) -> dict:
     """
     import tilelang
 
+    tl_target, target_configs = tilelang_target(target)
+    limit = target.get(SHARED_MEMORY_LIMIT)
     stages = {}
     for stage, program in programs.items():
-        func, pass_configs = _split_program(program)
+        func, stage_configs = _split_program(program)
+        pass_configs = _merge_pass_configs(target_configs, stage_configs)
         # Read before compiling: a compile may mutate the PrimFunc.
         entry = str(func.attrs["global_symbol"]) if func.attrs and "global_symbol" in func.attrs else stage
         params = _param_info(func)
         start = time.perf_counter()
         kernel = tilelang.compile(
-            func, out_idx=None, target=target, execution_backend=EXECUTION_BACKEND,
+            func, out_idx=None, target=tl_target, execution_backend=EXECUTION_BACKEND,
             pass_configs=pass_configs or None,
         )
+        smem = dynamic_shared_memory(kernel.get_host_source(), kernel.get_kernel_source())
+        if limit is not None and max(smem.values(), default=0) > int(limit):
+            raise ScheduleError(
+                f"stage {stage!r} needs {max(smem.values())} bytes of shared memory, more than the target's "
+                f"{SHARED_MEMORY_LIMIT}={limit} ({smem}); use smaller tiles (rows, keys) or fewer num_stages"
+            )
         library, source = f"{stage}.so", f"{stage}.cu"
         kernel.export_library(str(dest / library))
         (dest / source).write_text(kernel.get_kernel_source())
         stages[stage] = {
             "library": library, "source": source, "entry": entry, "params": params,
-            "pass_configs": {str(k): v for k, v in pass_configs.items()},
+            "pass_configs": {str(k): v for k, v in stage_configs.items()},
+            "shared_memory_bytes": smem,
             "compile_seconds": round(time.perf_counter() - start, 3),
         }
     return stages
@@ -89,6 +144,56 @@ def load_function(library: Path, entry: str):
 
     module = tvm_ffi.load_module(str(library))
     return module[entry]
+
+
+_KERNEL = re.compile(r"__global__ void (?:__launch_bounds__\([^)]*\) )?(\w+)\(")
+_LAUNCH = re.compile(r"TVMFFIFunctionCall\((\w+)_packed, \(TVMFFIAny\*\) (\w+), (\d+),")
+
+
+def dynamic_shared_memory(host_source: str, kernel_source: str) -> dict[str, int]:
+    """{kernel: dynamic shared memory bytes} of one compiled stage (see (e) above).
+
+    In TileLang's tvm_ffi host code a launch packs the kernel's arguments, then the grid and
+    block extents, and last the dynamic shared memory size (when the kernel has some, i.e. its
+    source declares an ``extern __shared__`` buffer) before calling ``<kernel>_packed``.
+    """
+    usage: dict[str, int] = {}
+    if "extern __shared__" not in kernel_source:
+        return usage
+    kernels = set(_KERNEL.findall(kernel_source))
+    for call in _LAUNCH.finditer(host_source):
+        kernel, stack, nargs = call.group(1), call.group(2), int(call.group(3))
+        if kernel not in kernels:  # e.g. __tvm_set_device
+            continue
+        slot = re.escape(f"(((TVMFFIAny*){stack})[{nargs - 1}].v_int64) = ((int64_t)")
+        sizes = re.findall(slot + r"(\d+)\)", host_source[:call.start()])
+        if not sizes:
+            raise RuntimeError(f"cannot find the shared memory size of the launch of {kernel!r} in the host code")
+        usage[kernel] = max(usage.get(kernel, 0), int(sizes[-1]))
+    return usage
+
+
+_FATBIN_MAGIC = struct.pack("<I", 0xBA55ED50)
+_FATBIN_KINDS = {1: "ptx", 2: "sass"}
+
+
+def fatbin_entries(library: Path) -> list[tuple[str, int]]:
+    """[(kind, arch)] of the CUDA fat binaries embedded in a compiled library: ("ptx", 80) is
+    compute_80 PTX, ("sass", 80) sm_80 machine code.  Empty for a plain cubin (one SASS, no
+    PTX).  Reads the fatbin container headers (magic, header size, payload size; per entry its
+    kind, header size, payload size and, at byte 28, the arch)."""
+    data = Path(library).read_bytes()
+    entries, pos = [], 0
+    while (start := data.find(_FATBIN_MAGIC, pos)) >= 0:
+        header_size, total = struct.unpack_from("<HQ", data, start + 6)
+        entry, end = start + header_size, start + header_size + total
+        while entry < end:
+            kind, _, entry_header, size = struct.unpack_from("<HHIQ", data, entry)
+            arch = struct.unpack_from("<I", data, entry + 28)[0]
+            entries.append((_FATBIN_KINDS.get(kind, str(kind)), arch))
+            entry += entry_header + size
+        pos = end
+    return entries
 
 
 _ENTRY = re.compile(r"Compiling entry function '([^']+)'")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,10 @@ KNOBS: dict[str, tuple[type, object, str]] = {
     "scatter": (str, lambda v: v in ("x2", "x4", "tma"), 'one of "x2", "x4", "tma"'),
     "q_split": (int, lambda v: v >= 0, ">= 0"),
 }
+
+# Knob values that need a newer GPU than the schedule's [target] arch: (knob, value) -> the lowest
+# SM version that can run them (scatter "tma": TMA bulk reduce-adds, Hopper and later).
+KNOB_MIN_SM = {("scatter", "tma"): 90}
 
 
 def required_knobs(loop_order: str, phase: str) -> tuple[str, ...]:
@@ -141,12 +146,13 @@ class Schedule:
         target = data.get("target")
         if not isinstance(target, dict) or "kind" not in target:
             raise ScheduleError(f"{where}: [target] must be a table with at least 'kind'")
+        _check_target(target, f"{where}: [target]")
         supports, branch_supports = _split_supports(data.get("supports", {}), where)
         defaults = {}
         for order, knobs in data.get("knobs", {}).items():
             if order not in LOOP_ORDERS:
                 raise ScheduleError(f"{where}: [knobs.{order}]: unknown loop order; known: {list(LOOP_ORDERS)}")
-            _check_knobs(knobs, f"{where}: [knobs.{order}]")
+            _check_knobs(knobs, f"{where}: [knobs.{order}]", target)
             defaults[order] = dict(knobs)
         if not defaults:
             raise ScheduleError(f"{where}: no [knobs.<loop order>] table")
@@ -163,7 +169,7 @@ class Schedule:
             _check_conditions(when, f"{at} when")
             _check_rule_branches(when, order, at)
             knobs = raw.get("knobs", {})
-            _check_knobs(knobs, f"{at} knobs")
+            _check_knobs(knobs, f"{at} knobs", target)
             rules.append(Rule(tuple(when.items()), order, tuple(knobs.items()), i + 1))
         return cls(path.stem, path, target, supports, defaults, rules, branch_supports)
 
@@ -253,6 +259,21 @@ def _check_rule_branches(when: dict, loop_order: str, where: str) -> None:
         )
 
 
+# [target] keys with a meaning to fsagen (fsagen/lower.py): their type and rule.  Other keys go to
+# TileLang as they are (kind, arch, code, ...), which checks them when it compiles.
+TARGET_KEYS: dict[str, tuple[type, object, str]] = {
+    "embed_ptx": (bool, lambda v: True, "true or false"),
+    "max_shared_memory_per_block": (int, lambda v: v > 0, "a positive number of bytes"),
+}
+
+
+def _check_target(target: dict, where: str) -> None:
+    _check_values(target, TARGET_KEYS, where, "key", known_only=False)
+    if target.get("embed_ptx") and not str(target.get("arch", "")).startswith("sm_"):
+        raise ScheduleError(f"{where}: embed_ptx = true needs arch = 'sm_XX' (the PTX is compute_XX), "
+                            f"got arch={target.get('arch')!r}")
+
+
 def _check_conditions(conditions: dict, where: str) -> None:
     for name, cond in conditions.items():
         if name not in _SPEC_FIELDS:
@@ -261,15 +282,35 @@ def _check_conditions(conditions: dict, where: str) -> None:
             raise ScheduleError(f"{where}: {name} range must have only 'min' and/or 'max', got {cond}")
 
 
-def _check_knobs(knobs: dict, where: str) -> None:
+def _check_knobs(knobs: dict, where: str, target: dict) -> None:
+    _check_values(knobs, KNOBS, where, "knob")
+    sm = _target_sm(target)
     for name, value in knobs.items():
-        if name not in KNOBS:
-            raise ScheduleError(f"{where}: unknown knob {name!r}; knobs are {list(KNOBS)}")
-        kind, ok, rule = KNOBS[name]
+        needed = KNOB_MIN_SM.get((name, value))
+        if needed is not None and sm is not None and sm < needed:
+            raise ScheduleError(f"{where}: knob {name!r}={value!r} needs sm_{needed} or newer; "
+                                f"[target] arch is {target.get('arch')!r}")
+
+
+def _target_sm(target: dict) -> int | None:
+    """80 for arch 'sm_80', 90 for 'sm_90a'; None when the arch is not an sm_XX token."""
+    digits = str(target.get("arch", "")).removeprefix("sm_").rstrip("abf")
+    return int(digits) if str(target.get("arch", "")).startswith("sm_") and digits.isdigit() else None
+
+
+def _check_values(values: dict, table: dict, where: str, what: str, known_only: bool = True) -> None:
+    """Each of `values` against `table` ({name: (type, check, rule)}); names not in it are an
+    error when `known_only`, else left alone."""
+    for name, value in values.items():
+        if name not in table:
+            if known_only:
+                raise ScheduleError(f"{where}: unknown {what} {name!r}; {what}s are {list(table)}")
+            continue
+        kind, ok, rule = table[name]
         if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
-            raise ScheduleError(f"{where}: knob {name!r} must be {kind.__name__}, got {value!r}")
+            raise ScheduleError(f"{where}: {what} {name!r} must be {kind.__name__}, got {value!r}")
         if not ok(value):
-            raise ScheduleError(f"{where}: knob {name!r}={value!r} must be {rule}")
+            raise ScheduleError(f"{where}: {what} {name!r}={value!r} must be {rule}")
 
 
 def known_arches() -> list[str]:
@@ -294,7 +335,15 @@ def load_schedule(arch: str) -> Schedule:
 
 
 def detect_arch() -> str:
-    """The arch of the current CUDA device, e.g. 'sm90' for compute capability 9.0."""
+    """The arch of the current CUDA device, e.g. 'sm90' for compute capability 9.0.
+
+    $FSAGEN_ARCH overrides it (any spelling normalize_arch accepts): the way to run another
+    schedule's kernels on this GPU, e.g. FSAGEN_ARCH=sm80 on an H100 runs the sm80 kernels through
+    their embedded compute_80 PTX (schedules/README.md).
+    """
+    forced = os.environ.get("FSAGEN_ARCH")
+    if forced:
+        return normalize_arch(forced)
     import torch
 
     if not torch.cuda.is_available():

@@ -24,3 +24,23 @@ def axpy(block: int = 128, threads: int = 128):
 
 def build_programs(spec, plan):
     return {"main": axpy()}
+
+
+def reverse_blocks(block: int = 128, threads: int = 128):
+    """B = A with each block of ``block`` elements reversed, through shared memory (a stage that
+    has dynamic shared memory: ``block`` * 4 bytes)."""
+    import tilelang.language as T
+
+    N = T.dynamic("N")
+
+    @T.prim_func
+    def reverse_kernel(A: T.Tensor((N,), "float32"), B: T.Tensor((N,), "float32")):
+        with T.Kernel(T.ceildiv(N, block), threads=threads) as bx:
+            buf = T.alloc_shared((block,), "float32")
+            for i in T.Parallel(block):
+                buf[i] = T.if_then_else(bx * block + i < N, A[bx * block + i], 0)
+            for i in T.Parallel(block):
+                if bx * block + i < N:
+                    B[bx * block + i] = buf[block - 1 - i]
+
+    return reverse_kernel

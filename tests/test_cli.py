@@ -35,7 +35,9 @@ def env(tmp_path):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["build", "--arch", "sm70"], "unknown arch 'sm70'"),
+    (["build", "--arch", "sm70"], "unknown arch 'sm70'; known: ['sm80', 'sm90']"),
+    (["build", "--arch", "sm80", "--subset", "nightly"], "no subset 'nightly'"),
+    (["list", "--arch", "ampere"], "unknown arch 'ampere'"),
     (["build", "--arch", "sm90", "--grid", "/nonexistent.toml"], "not found"),
     (["build", "--arch", "sm90", "--subset", "nightly"], "no subset 'nightly'"),
     (["show", "no_such_kernel"], "no artifact named"),
@@ -155,3 +157,45 @@ def test_build_without_arch_uses_the_detected_gpu(env, monkeypatch, capsys, tmp_
     assert main(["build", "--subset", "ci", "--jobs", "1", "--out", str(out)]) == 0
     assert "detected sm90" in capsys.readouterr().out
     assert (out / "sm90" / "manifest.json").is_file()
+
+
+GRID_D96 = """
+[[grid]]
+branch = ["swa"]
+phase = ["fwd"]
+G = [2]
+D = [96]
+dtype = ["float16"]
+block_size = [0]
+topk = [0]
+"""
+
+
+@pytest.mark.parametrize("arch", ["sm80", "sm90"])
+def test_spec_the_schedule_does_not_support_names_schedule_and_field(arch, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("FSAGEN_GENERATED_DIR", str(tmp_path / "g"))
+    grid = tmp_path / "d96.toml"
+    grid.write_text(GRID_D96)
+    assert main(["build", "--arch", arch, "--grid", str(grid)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"KernelSpec.D=96 is not supported by schedule {arch} ({load_schedule(arch).path})" in err
+    assert "D must be one of [64, 128]" in err
+
+
+def test_broken_schedule_file_is_one_line_naming_file_and_knob(capsys, monkeypatch, tmp_path):
+    """A user's schedule directory (FSAGEN_SCHEDULES_DIR) with a wrong knob value."""
+    text = load_schedule("sm80").path.read_text().replace("q_threads = 128", "q_threads = 100", 1)
+    (tmp_path / "sm80.toml").write_text(text)
+    monkeypatch.setenv("FSAGEN_SCHEDULES_DIR", str(tmp_path))
+    monkeypatch.setenv("FSAGEN_GENERATED_DIR", str(tmp_path / "g"))
+    from fsagen import schedule
+
+    schedule.load_schedule.cache_clear()
+    try:
+        assert main(["build", "--arch", "sm80", "--subset", "ci"]) == 2
+    finally:
+        schedule.load_schedule.cache_clear()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"{tmp_path / 'sm80.toml'}: [knobs.q_outer]: knob 'q_threads'=100 must be a positive multiple of 32" in err

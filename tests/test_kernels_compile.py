@@ -1,7 +1,9 @@
-"""The real programs compile for sm_90a on this (GPU-less) machine, every stage of every loop
-order a branch can use, for the grid's `ci` subset. No run: the numerics are checked by tests/gpu on the H100.
+"""The real programs compile on this (GPU-less) machine: for sm_90a every stage of every loop order a
+branch can use, for the grid's `ci` subset; for sm_80 one ci spec per (loop order, phase), i.e.
+every program once. No run: the numerics are checked by tests/gpu on the H100 (sm80 through its
+PTX: tests/gpu/test_sm80_ptx.py).
 
-Slow-ish (a TileLang + nvcc compile per stage), so each (spec, loop order) builds once, in a
+Slow-ish (a TileLang + nvcc compile per stage), so each (arch, spec, loop order) builds once, in a
 process pool, into a temporary artifact root through the same path as `fsagen build`.
 """
 import concurrent.futures
@@ -11,18 +13,36 @@ import os
 import pytest
 
 from fsagen.kernels import stage_names
+from fsagen.lower import fatbin_entries
 from fsagen.schedule import load_schedule
 from fsagen.spec import load_grid
 
-CASES = [(spec, order) for spec in load_grid(subset="ci") for order in load_schedule("sm90").loop_orders_for(spec.branch)]
+CI = load_grid(subset="ci")  # the one list of specs both arches compile
+
+
+def _cases(arch, specs):
+    return [(arch, spec, order) for spec in specs for order in load_schedule(arch).loop_orders_for(spec.branch)]
+
+
+def _one_per_program(cases):
+    """The first case of each (loop order, phase): every program family and phase once."""
+    seen, picked = set(), []
+    for arch, spec, order in cases:
+        if (order, spec.phase) not in seen:
+            seen.add((order, spec.phase))
+            picked.append((arch, spec, order))
+    return picked
+
+
+CASES = _cases("sm90", CI) + _one_per_program(_cases("sm80", CI))
 
 
 def _build(args):
-    spec, order, root = args
+    arch, spec, order, root = args
     from fsagen.cache import ensure_artifact
 
-    plan = load_schedule("sm90").plan(spec, loop_order=order)
-    path, _ = ensure_artifact(spec, plan, "sm90", root=root)
+    plan = load_schedule(arch).plan(spec, loop_order=order)
+    path, _ = ensure_artifact(spec, plan, arch, root=root)
     return str(path)
 
 
@@ -31,19 +51,33 @@ def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("aot")
     jobs = min(len(CASES), os.cpu_count() or 1)
     with concurrent.futures.ProcessPoolExecutor(jobs) as pool:
-        paths = list(pool.map(_build, [(spec, order, root) for spec, order in CASES]))
+        paths = list(pool.map(_build, [(*case, root) for case in CASES]))
     return dict(zip(CASES, paths))
 
 
-@pytest.mark.parametrize("spec,order", CASES, ids=[f"{s.name}-{o}" for s, o in CASES])
-def test_every_stage_compiles_for_sm90a(built, spec, order):
-    path = built[(spec, order)]
+def _stages(meta, path):
+    """(stage, stage meta, library path, CUDA source) of each stage of an artifact."""
+    for stage, info in meta["stages"].items():
+        yield stage, info, os.path.join(path, info["library"]), open(os.path.join(path, info["source"])).read()
+
+
+@pytest.mark.parametrize("arch,spec,order", CASES, ids=[f"{a}-{s.name}-{o}" for a, s, o in CASES])
+def test_every_stage_compiles(built, arch, spec, order):
+    path = built[(arch, spec, order)]
     meta = json.loads(open(os.path.join(path, "meta.json")).read())
     assert sorted(meta["stages"]) == sorted(stage_names(spec.branch, order, spec.phase))
-    for stage, info in meta["stages"].items():
-        assert os.path.getsize(os.path.join(path, info["library"])) > 0
-        source = open(os.path.join(path, info["source"])).read()
+    limit = load_schedule(arch).target.get("max_shared_memory_per_block")
+    for stage, info, library, source in _stages(meta, path):
+        assert os.path.getsize(library) > 0
         assert "__global__" in source
-        if stage.startswith(("kv_", "dense_", "sel_")):
+        assert all(0 < n <= (limit or n) for n in info["shared_memory_bytes"].values()), info["shared_memory_bytes"]
+        tiled = stage.startswith(("kv_", "dense_", "sel_"))
+        if arch == "sm90":
             # these tiles are 64+ rows: they must use Hopper's warpgroup MMA
-            assert "wgmma" in source, f"{stage}: no wgmma in the generated code"
+            assert not tiled or "wgmma" in source, f"{stage}: no wgmma in the generated code"
+            assert fatbin_entries(library) == []  # a plain sm_90a cubin
+        else:
+            # Ampere: mma.sync, no Hopper instructions; sm_80 SASS and compute_80 PTX for newer GPUs
+            assert "wgmma" not in source and "tma_load" not in source and "CUtensorMap" not in source, stage
+            assert not tiled or "mma_sync" in source, f"{stage}: no mma.sync in the generated code"
+            assert sorted(set(fatbin_entries(library))) == [("ptx", 80), ("sass", 80)], stage

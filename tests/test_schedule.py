@@ -5,8 +5,8 @@ import pytest
 
 from fsagen.errors import NoGPU, ScheduleError, UnsupportedSpec
 from fsagen.kernels import REQUIRED_KNOBS
-from fsagen.schedule import (BRANCH_LOOP_ORDERS, KNOBS, LOOP_ORDERS, Plan, Schedule, detect_arch, load_schedule,
-                             normalize_arch)
+from fsagen.schedule import (BRANCH_LOOP_ORDERS, KNOBS, LOOP_ORDERS, TARGET_KEYS, Plan, Schedule, detect_arch,
+                             load_schedule, normalize_arch)
 from fsagen.spec import BRANCHES, KernelSpec, load_grid
 
 SM90 = load_schedule("sm90")
@@ -44,8 +44,9 @@ def test_target_and_aliases():
 
 
 def test_unknown_arch_lists_known():
-    with pytest.raises(ScheduleError, match=r"unknown arch 'sm70'.*\['sm90'\]"):
+    with pytest.raises(ScheduleError, match=r"unknown arch 'sm70'.*\['sm80', 'sm90'\]") as info:
         load_schedule("sm70")
+    assert "schedule files in" in str(info.value)
 
 
 # The sm90 rules as measured (bench/results/slc_tune.md): forward kv_outer up to G=4 at block 64
@@ -257,3 +258,101 @@ def test_detect_arch_without_gpu():
         pytest.skip("a GPU is present")
     with pytest.raises(NoGPU):
         detect_arch()
+
+
+def test_detect_arch_honours_fsagen_arch(monkeypatch):
+    monkeypatch.setenv("FSAGEN_ARCH", "sm_80")
+    assert detect_arch() == "sm80"
+
+
+# ---- sm80 (Ampere) ---------------------------------------------------------------------------
+
+SM80 = load_schedule("sm80")
+
+
+def test_sm80_target_and_loop_orders():
+    assert SM80.target["arch"] == "sm_80" and SM80.target["embed_ptx"] is True
+    assert SM80.target["max_shared_memory_per_block"] == 163 * 1024  # A100: 164 KB per SM, 163 KB per block
+    assert {b: SM80.loop_orders_for(b) for b in BRANCHES} == BRANCH_LOOP_ORDERS
+    for alias in ("sm80", "sm_80", "80"):
+        assert load_schedule(alias).path == SM80.path
+
+
+@pytest.mark.parametrize("s", list(load_grid()), ids=lambda s: s.name)
+def test_sm80_plans_every_grid_spec_within_ampere_limits(s):
+    """Every default-grid spec has a plan, in either loop order its branch can run, and no knob asks
+    for what sm_80 lacks: TMA scatter or 16-byte float atomics (x4: sm_90), or a pipelined dense
+    loop (TileLang 0.1.15 cannot lower num_stages >= 2 there: ../shared/DESIGN.md section 5)."""
+    plans = [SM80.plan(s)] + [SM80.plan(s, order) for order in SM80.loop_orders_for(s.branch)]
+    for plan in plans:
+        knobs = dict(plan.knobs)
+        assert set(knobs) == set(REQUIRED_KNOBS[(plan.loop_order, s.phase)])
+        assert knobs.get("scatter", "x2") == "x2"
+        if plan.loop_order == "dense":
+            assert knobs["num_stages"] <= 1
+
+
+@pytest.mark.parametrize("G,bs,phase,order", [
+    (4, 64, "fwd", "kv_outer"), (8, 64, "fwd", "q_outer"), (8, 128, "fwd", "kv_outer"), (16, 128, "fwd", "q_outer"),
+    (8, 64, "bwd", "kv_outer"), (16, 64, "bwd", "q_outer"),
+])
+def test_sm80_slc_rules(G, bs, phase, order):
+    assert SM80.plan(spec(G=G, phase=phase, block_size=bs, topk=16 if bs == 64 else 8)).loop_order == order
+
+
+def test_sm80_cmp_splits_its_backward():
+    assert SM80.plan(cmp_spec(phase="bwd")).knob("q_split") == 4096
+    assert SM80.plan(cmp_spec(branch="swa", phase="bwd")).knob("q_split") == 0
+
+
+@pytest.mark.parametrize("make,field,value", [(spec, "D", 256), (cmp_spec, "G", 32), (sel_spec, "stride", 8)])
+def test_sm80_unsupported_spec_names_the_schedule_file(make, field, value):
+    extra = {"kernel_size": 16} if field == "stride" else {}
+    with pytest.raises(UnsupportedSpec, match=rf"KernelSpec\.{field}={value} is not supported by schedule sm80") as info:
+        SM80.plan(make(**{field: value}, **extra))
+    assert str(SM80.path) in str(info.value)
+
+
+SM80_TEXT = Path(SM80.path).read_text()
+
+
+@pytest.mark.parametrize("edit,pattern", [
+    (("embed_ptx = true", 'embed_ptx = "yes"'), r"\[target\]: key 'embed_ptx' must be bool"),
+    (("max_shared_memory_per_block = 166912", "max_shared_memory_per_block = 0"),
+     r"\[target\]: key 'max_shared_memory_per_block'=0 must be a positive number of bytes"),
+    (('arch = "sm_80"', 'arch = "80"'), r"\[target\]: embed_ptx = true needs arch = 'sm_XX'"),
+    (('scatter = "x2"', 'scatter = "x8"'), r"\[knobs.kv_outer\]: knob 'scatter'='x8' must be one of"),
+    (('scatter = "x2"', 'scatter = "tma"'), r"\[knobs.kv_outer\]: knob 'scatter'='tma' needs sm_90 or newer; "
+                                            r"\[target\] arch is 'sm_80'"),
+    (("knobs = { q_split = 4096 }", 'knobs = { q_split = 4096, scatter = "tma" }'),
+     r"\[\[rules\]\] #1 knobs: knob 'scatter'='tma' needs sm_90"),
+    (("q_threads = 128", "q_threads = 100"), r"\[knobs.q_outer\]: knob 'q_threads'=100 must be a positive multiple of 32"),
+    (("keys = 64\nthreads = 128", "key = 64\nthreads = 128"), r"\[knobs.dense\]: unknown knob 'key'"),
+    (("knobs = { q_split = 4096 }", "knobs = { q_split = 4096.0 }"), r"\[\[rules\]\] #1 knobs: knob 'q_split' must be int"),
+])
+def test_sm80_file_errors_name_file_and_knob(tmp_path, edit, pattern):
+    old, new = edit
+    assert old in SM80_TEXT
+    path = tmp_path / "sm80.toml"
+    path.write_text(SM80_TEXT.replace(old, new, 1))
+    with pytest.raises(ScheduleError, match=pattern) as info:
+        Schedule.from_file(path)
+    assert str(path) in str(info.value)
+
+
+def test_sm80_missing_knob_names_file_loop_order_and_knob(tmp_path):
+    path = tmp_path / "sm80.toml"
+    path.write_text(SM80_TEXT.replace("\nbwd_threads = 256", "\n# bwd_threads = 256", 1))
+    with pytest.raises(ScheduleError, match=r"\[knobs.kv_outer\] \(with \[\[rules\]\] #\d+\) lacks knob\(s\) "
+                                            r"\['bwd_threads'\] needed by kv_outer bwd") as info:
+        Schedule.from_file(path).plan(spec(phase="bwd", G=2))
+    assert str(path) in str(info.value)
+
+
+GUIDE = (Path(__file__).resolve().parent.parent / "schedules" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("name", [*KNOBS, *TARGET_KEYS, *LOOP_ORDERS])
+def test_guide_documents_every_knob_target_key_and_loop_order(name):
+    """schedules/README.md has a line starting with the name in backticks (its reference entry)."""
+    assert f"| `{name}` |" in GUIDE, f"schedules/README.md does not document {name!r}"
