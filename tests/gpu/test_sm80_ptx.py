@@ -4,7 +4,7 @@
 ``$FSAGEN_GENERATED_DIR``/sm80 when built ahead of time, else compiled into the user cache). On an
 H100 their sm_80 machine code cannot load, so each stage runs only if the driver JIT-compiles its
 PTX: a pass checks both the PTX path and the sm80 programs' numerics. Each family (slc in both loop
-orders, cmp, swa, sel), forward and backward, runs once per spec of the grid's ``ci`` subset
+orders, cmp, swa, sel, comp), forward and backward, runs once per spec of the grid's ``ci`` subset
 through the existing GPU tests' own cases (float64 references, NaN-poisoned outputs); every kernel
 they loaded must be an sm80 artifact carrying compute_80 PTX.
 
@@ -16,6 +16,7 @@ The whole GPU suite runs on the sm80 kernels the same way:
 import pytest
 import torch
 
+import test_compress_gpu as compress_cases
 import test_dense_gpu as dense_cases  # tests/gpu is on sys.path (rootdir-less), as in test_aot_artifacts
 import test_slc_gpu as slc_cases
 
@@ -42,10 +43,21 @@ def _family_cases():
         elif s.branch == "swa":
             cases[f"swa-G{s.G}-D{s.D}-{s.dtype}"] = (
                 dense_cases.test_sliding_window_attention, (s.G, s.D, 100, dtype, "random"))
-        else:
+        elif s.branch == "sel":
             cases[f"sel-G{s.G}-D{s.D}-bs{s.block_size}-{s.dtype}"] = (
                 dense_cases.test_select_blocks, (s.G, s.D, s.kernel_size, s.stride, s.block_size, dtype, "random"))
+        elif s.branch == "comp":
+            cases[f"comp-D{s.D}-ks{s.kernel_size}-s{s.stride}-{s.dtype}"] = (
+                _compress_case, ("weighted", s.kernel_size, s.stride, s.D, dtype, "edge_lengths"))
+        else:
+            raise AssertionError(f"test_sm80_ptx has no case for branch {s.branch!r} of the ci subset")
     return cases
+
+
+def _compress_case(*args):
+    # test_kernels_match_reference takes pytest's monkeypatch only to set FSAGEN_POISON, which the
+    # sm80_kernels fixture below already sets
+    compress_cases.test_kernels_match_reference(*args, pytest.MonkeyPatch())
 
 
 CASES = _family_cases()
