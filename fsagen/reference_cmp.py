@@ -245,15 +245,20 @@ def selection_weights(
     return w.scatter_add_(1, blk, torch.ones_like(blk, dtype=torch.float64))
 
 
-def _forced(length: int, num_blocks: int, block_size: int, init_blocks: int, local_blocks: int, device):
-    """``[L, nblk]`` bool: the blocks forced into query t's selection (only existing ones)."""
-    own = torch.arange(length, device=device)[:, None] // block_size
+def _forced(length: int, num_blocks: int, block_size: int, init_blocks: int, local_blocks: int, device,
+            positions: torch.Tensor | None = None):
+    """``[L, nblk]`` bool: the blocks forced into query t's selection (only existing ones); the
+    queries sit at ``positions`` (default ``0 .. L-1``)."""
+    pos = torch.arange(length, device=device) if positions is None else positions
+    own = pos[:, None] // block_size
     j = torch.arange(num_blocks, device=device)[None, :]
     return (j < init_blocks) | ((j <= own) & (j > own - local_blocks))
 
 
-def _top_blocks(score: torch.Tensor, forced: torch.Tensor, block_size: int, topk: int) -> torch.Tensor:
-    """``[H, L, topk]`` int32 from scores ``[H, L, nblk]`` and forced ``[L, nblk]``.
+def _top_blocks(score: torch.Tensor, forced: torch.Tensor, block_size: int, topk: int,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+    """``[H, L, topk]`` int32 from scores ``[H, L, nblk]`` and forced ``[L, nblk]`` of queries at
+    ``positions`` (default ``0 .. L-1``).
 
     Forced blocks rank first, then higher score; a stable sort of the negated key keeps equal
     keys in block order, which is the tie rule (lower block wins).  Blocks after the query's own
@@ -262,7 +267,8 @@ def _top_blocks(score: torch.Tensor, forced: torch.Tensor, block_size: int, topk
     h, length, nblk = score.shape
     key = torch.where(forced, torch.full_like(score, math.inf), score)
     order = torch.sort(-key, dim=-1, stable=True).indices[..., :topk]
-    own = torch.arange(length, device=score.device)[None, :, None] // block_size
+    pos = torch.arange(length, device=score.device) if positions is None else positions
+    own = pos[None, :, None] // block_size
     big = nblk + 1  # sorts after every real block, then becomes -1
     kept = torch.where(order <= own, order, torch.full_like(order, big))
     kept = torch.sort(kept, dim=-1).values
