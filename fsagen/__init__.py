@@ -15,6 +15,7 @@ _PUBLIC = {
     "nsa_attention": "fsagen.nsa",
     "NativeSparseAttention": "fsagen.nn",
     "NSASpec": "fsagen.spec",
+    "NSAKVCache": "fsagen.kv_cache",
 }
 
 
