@@ -67,7 +67,8 @@ class NSAKVCache:
         self.v_pages = torch.zeros(num_pages, page_size, num_kv_heads, dv, dtype=dtype, device=self.device)
         self.max_pages_per_seq = -(-max_len // page_size)
         self.block_table = torch.full((batch, self.max_pages_per_seq), -1, dtype=torch.int32)
-        self.max_cmp = self.num_compressed(max_len)
+        # the compressed store is read as pages of page_size rows too (decode attention's pool)
+        self.max_cmp = -(-self.num_compressed(max_len) // page_size) * page_size
         self.k_cmp = torch.zeros(batch, self.max_cmp, num_kv_heads, head_dim, dtype=dtype, device=self.device)
         self.v_cmp = torch.zeros(batch, self.max_cmp, num_kv_heads, dv, dtype=dtype, device=self.device)
         self.lengths = [0] * batch
@@ -207,6 +208,13 @@ class NSAKVCache:
         pages = self.block_table[seq, pos // self.page_size].long().to(self.device)
         offs = (pos % self.page_size).to(self.device)
         return self.k_pages[pages, offs], self.v_pages[pages, offs]
+
+    def compressed_pool(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The compressed store as a page pool ``[batch * max_cmp / page_size, page_size, Hkv, *]``:
+        sequence s's compressed token i is row ``i % page_size`` of page ``s * (max_cmp / page_size)
+        + i // page_size``."""
+        shape = (-1, self.page_size, self.num_kv_heads)
+        return self.k_cmp.view(*shape, self.head_dim), self.v_cmp.view(*shape, self.v_head_dim)
 
     def compressed(self, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Sequence ``seq``'s compressed k and v ``[Lc, Hkv, *]`` (views)."""

@@ -18,8 +18,9 @@ from fsagen.paths import default_grid_file
 
 # slc: attention over the selected blocks; cmp: attention over the compressed tokens; swa: sliding
 # window attention; sel: top-k block selection from the compressed branch's scores; comp: compression
-# of raw k/v into compressed tokens (mean / weighted pooling; no query heads, so G is 1).
-BRANCHES = ("slc", "cmp", "swa", "sel", "comp")
+# of raw k/v into compressed tokens (mean / weighted pooling; no query heads, so G is 1); dec: decode
+# attention, one new query per sequence over pages of a paged KV cache (block_size = the page size).
+BRANCHES = ("slc", "cmp", "swa", "sel", "comp", "dec")
 PHASES = ("fwd", "bwd")
 # dtype name -> short form used in readable names
 DTYPES = {"bfloat16": "bf16", "float16": "fp16"}
@@ -35,6 +36,7 @@ BRANCH_RULES: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
     "sel": (("fwd",), {"block_size": _POSITIVE, "topk": _POSITIVE, "kernel_size": _POSITIVE,
                        "stride": _POSITIVE}),
     "comp": (PHASES, {"block_size": _ZERO, "topk": _ZERO, "kernel_size": _POSITIVE, "stride": _POSITIVE}),
+    "dec": (("fwd",), {"block_size": _POSITIVE, "topk": _ZERO, "kernel_size": _ZERO, "stride": _ZERO}),
 }
 _UNUSED_WHY = {"cmp": "its key range is a runtime argument", "swa": "its key range is a runtime argument"}
 # (branch, field, divisor field): field must be a multiple of the divisor field
@@ -125,6 +127,7 @@ class KernelSpec:
             "slc": f"_bs{self.block_size}_k{self.topk}",
             "sel": f"_bs{self.block_size}_ks{self.kernel_size}_s{self.stride}_k{self.topk}",
             "comp": f"_ks{self.kernel_size}_s{self.stride}",
+            "dec": f"_ps{self.block_size}",
         }.get(self.branch, "")
         return f"{self.branch}_{self.phase}_{DTYPES[self.dtype]}_g{self.G}_d{self.D}{shape}-{self.short_hash}"
 

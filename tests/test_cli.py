@@ -72,8 +72,8 @@ def test_plans_per_branch(loop_orders):
 
 
 # the ci subset: 4 slc specs (2 loop orders each with --loop-orders all) + 5 cmp/swa (dense) and sel (sel)
-# specs + 2 comp (compression) specs
-CI_AUTO, CI_ALL = 11, 4 * 2 + 5 + 2
+# specs + 2 comp (compression) specs + 1 dec (decode attention) spec
+CI_AUTO, CI_ALL = 12, 4 * 2 + 5 + 2 + 1
 PROGRESS = re.compile(r"\[ *(\d+/\d+)\] (\S+)  (\S+) ")
 
 
@@ -88,7 +88,7 @@ def test_build_list_show_clean(env, tmp_path):
     lines = PROGRESS.findall(first.stdout)
     assert len(lines) == CI_ALL and lines[-1][0] == f"{CI_ALL}/{CI_ALL}"
     built = {(name.split("_")[0], order) for _, name, order in lines}
-    assert built == {("slc", "kv_outer"), ("slc", "q_outer"), ("cmp", "dense"), ("swa", "dense"), ("sel", "sel"),
+    assert built == {("slc", "kv_outer"), ("slc", "q_outer"), ("cmp", "dense"), ("swa", "dense"), ("sel", "sel"), ("dec", "dec"),
                      ("comp", "comp")}
     manifest = json.loads((out / "sm90" / "manifest.json").read_text())
     assert len(manifest["artifacts"]) == CI_ALL and manifest["subset"] == "ci"

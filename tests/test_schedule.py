@@ -7,7 +7,7 @@ from fsagen.errors import NoGPU, ScheduleError, UnsupportedSpec
 from fsagen.kernels import REQUIRED_KNOBS
 from fsagen.schedule import (BRANCH_LOOP_ORDERS, KNOBS, LOOP_ORDERS, TARGET_KEYS, Plan, Schedule, detect_arch,
                              load_schedule, normalize_arch)
-from fsagen.spec import BRANCHES, KernelSpec, load_grid
+from fsagen.spec import BRANCH_RULES, BRANCHES, KernelSpec, load_grid
 
 SM90 = load_schedule("sm90")
 
@@ -29,7 +29,7 @@ def test_branch_loop_orders_cover_every_branch():
     for branch, orders in BRANCH_LOOP_ORDERS.items():
         assert orders and set(orders) <= set(LOOP_ORDERS), branch
     # the kernels read knobs for every (loop order, phase) a branch can reach
-    phases = {b: ("fwd",) if b == "sel" else ("fwd", "bwd") for b in BRANCHES}
+    phases = {b: BRANCH_RULES[b][0] for b in BRANCHES}
     assert {(o, p) for b, orders in BRANCH_LOOP_ORDERS.items() for o in orders for p in phases[b]} <= set(
         REQUIRED_KNOBS)
     assert set(SM90.loop_orders) == set(LOOP_ORDERS)
@@ -139,7 +139,7 @@ def test_unsupported_spec_names_field_and_rule(make, field, value, scope, extra)
 
 
 def test_branch_tables_apply_to_their_branch_only():
-    assert set(SM90.branch_supports) == {"slc", "sel", "comp"}
+    assert set(SM90.branch_supports) == {"slc", "sel", "comp", "dec"}
     assert "block_size" not in SM90.supports  # cmp and swa specs have block_size 0
     SM90.check_supported(cmp_spec())
     SM90.check_supported(cmp_spec(branch="swa", phase="bwd"))
@@ -210,7 +210,7 @@ def test_missing_dense_knob_is_an_error_naming_it(tmp_path, make, knob):
 
 
 def test_branch_outside_supports_is_unsupported(tmp_path):
-    schedule = Schedule.from_file(_schedule(tmp_path, BASE.replace('branch = ["slc", "cmp", "swa", "sel", "comp"]',
+    schedule = Schedule.from_file(_schedule(tmp_path, BASE.replace('branch = ["slc", "cmp", "swa", "sel", "comp", "dec"]',
                                                                    'branch = ["slc", "cmp"]', 1)))
     schedule.plan(cmp_spec())
     with pytest.raises(UnsupportedSpec, match=r"KernelSpec\.branch='swa' is not supported.*branch must be one of"):

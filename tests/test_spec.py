@@ -14,6 +14,7 @@ SPECS = {
     "swa": KernelSpec("swa", "bwd", 2, 64, 0, 0, "float16"),
     "sel": KernelSpec("sel", "fwd", 4, 128, 64, 16, "bfloat16", kernel_size=32, stride=16),
     "comp": KernelSpec("comp", "fwd", 1, 128, 0, 0, "bfloat16", kernel_size=32, stride=16),
+    "dec": KernelSpec("dec", "fwd", 4, 128, 64, 0, "bfloat16"),
 }
 
 
@@ -165,8 +166,8 @@ def test_default_grid():
     by_branch = {b: [s for s in specs if s.branch == b] for b in BRANCHES}
     assert {b: len(v) for b, v in by_branch.items()} == {
         "slc": 2 * 5 * 2 * 2 * 2, "cmp": 2 * 5 * 2 * 2, "swa": 2 * 5 * 2 * 2, "sel": 5 * 2 * 2 * 3,
-        "comp": 2 * 2 * 2 * 3}
-    assert len(specs) == 244
+        "comp": 2 * 2 * 2 * 3, "dec": 5 * 2 * 2}
+    assert len(specs) == 264
     assert len({s.name for s in specs}) == len(specs)
     assert {(s.block_size, s.topk) for s in by_branch["slc"]} == {(64, 16), (128, 8)}
     assert {(s.block_size, s.kernel_size, s.stride, s.topk) for s in by_branch["sel"]} == {
@@ -180,14 +181,15 @@ def test_default_grid():
         assert {s.dtype for s in by_branch[b]} == set(DTYPES)
     for b in ("cmp", "swa", "comp"):
         assert {s.phase for s in by_branch[b]} == set(PHASES)
+    assert {(s.phase, s.block_size) for s in by_branch["dec"]} == {("fwd", 64)}  # decode: page size 64
     ci = load_grid(subset="ci")
-    assert 0 < len(ci) < 14 and set(ci) <= set(specs)
+    assert 0 < len(ci) < 15 and set(ci) <= set(specs)
     assert {s.phase for s in ci} == {"fwd", "bwd"}
     assert [(s.branch, s.phase, s.G, s.D, s.dtype) for s in ci if s.branch != "slc"] == [
         ("cmp", "fwd", 4, 128, "bfloat16"), ("cmp", "bwd", 4, 128, "bfloat16"),
         ("swa", "fwd", 2, 64, "float16"), ("swa", "bwd", 1, 128, "bfloat16"), ("sel", "fwd", 4, 128, "bfloat16"),
-        ("comp", "fwd", 1, 128, "bfloat16"), ("comp", "bwd", 1, 64, "float16")]
-    assert ci[-3] == SPECS["sel"] and ci[-2] == SPECS["comp"]
+        ("comp", "fwd", 1, 128, "bfloat16"), ("comp", "bwd", 1, 64, "float16"), ("dec", "fwd", 4, 128, "bfloat16")]
+    assert ci[-4] == SPECS["sel"] and ci[-3] == SPECS["comp"] and ci[-1] == SPECS["dec"]
 
 
 GRID = """

@@ -10,6 +10,8 @@ Program families ("loop orders" in a schedule):
   branch (cmp, keys are compressed tokens) and the sliding window (swa) share one program whose
   mask is the branch's key range.
 * ``sel``: top-k block selection (``select.py``), re-reading cmp's tiles the same way.
+* ``dec``: decode attention, one new query per sequence over pages of a paged KV cache, split-KV
+  (``decode.py``; serves slc, swa and cmp at decode time).
 * ``comp``: compression of raw k/v into compressed tokens (``compress.py``; mean and weighted
   pooling are one program with per-(kv head, window position) weights).
 """
@@ -27,6 +29,7 @@ REQUIRED_KNOBS = {
     # comp: rows = raw rows per tile (a multiple of the stride)
     ("comp", "fwd"): ("rows", "threads"),
     ("comp", "bwd"): ("rows", "bwd_threads"),
+    ("dec", "fwd"): ("threads",),
 }
 
 _DTYPES = {"bfloat16": "bfloat16", "float16": "float16"}
@@ -36,6 +39,8 @@ def stage_names(branch: str, loop_order: str, phase: str) -> tuple:
     """Stages a plan compiles to, in launch order."""
     if branch == "sel":
         return ("sel_topk",)
+    if branch == "dec":
+        return ("decode_fwd",)
     if branch == "comp":
         return ("comp_fwd",) if phase == "fwd" else ("comp_bwd_dx", "comp_bwd_dw")
     return {
@@ -110,6 +115,13 @@ def _comp_builders(spec, plan, dtype):
     }
 
 
+def _dec_builders(spec, plan, dtype):
+    from . import decode
+
+    return {"decode_fwd": lambda: decode.decode_fwd(spec.G, spec.D, spec.D, dtype, spec.block_size,
+                                                    plan.knob("threads"))}
+
+
 def build_programs(spec, plan) -> dict:
     """Fresh PrimFuncs for every stage of ``plan`` applied to ``spec``."""
     dtype = _DTYPES[spec.dtype]
@@ -121,6 +133,8 @@ def build_programs(spec, plan) -> dict:
         builders = _sel_builders(spec, plan, dtype)
     elif spec.branch == "comp":
         builders = _comp_builders(spec, plan, dtype)
+    elif spec.branch == "dec":
+        builders = _dec_builders(spec, plan, dtype)
     else:
         raise ValueError(f"no programs for branch {spec.branch!r}")
     return {name: builders[name]() for name in stage_names(spec.branch, plan.loop_order, spec.phase)}

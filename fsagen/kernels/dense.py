@@ -32,7 +32,7 @@ import math
 
 import tilelang.language as T
 
-from .tiles import ACCUM, LOG2E, make_gather_row_stat, make_gather_rows
+from .tiles import ACCUM, LOG2E, make_gather_row_stat, make_gather_rows, make_online_softmax
 
 LN2 = math.log(2.0)
 INDEX = "int32"
@@ -82,6 +82,7 @@ def dense_fwd(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, keys:
     visible = make_visible(branch)
     N, NK, HQ, HKV, NT, B1 = T.dynamic("N, NK, HQ, HKV, NT, B1")
     gather_q = make_gather_rows(R, D, G)
+    online_softmax = make_online_softmax(R, BN, DV)
 
     @T.prim_func
     def main(
@@ -143,18 +144,7 @@ def dense_fwd(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, keys:
                                 acc_s[r, c] * (sm_scale * LOG2E),
                                 -T.infinity(ACCUM),
                             )
-                    T.copy(m, m_prev)
-                    T.reduce_max(acc_s, m, dim=1, clear=False)
-                    for r in T.Parallel(R):
-                        rescale[r] = T.exp2(m_prev[r] - m[r])
-                    for r, c in T.Parallel(R, BN):
-                        acc_s[r, c] = T.exp2(acc_s[r, c] - m[r])
-                    T.reduce_sum(acc_s, l_tile, dim=1)
-                    for r in T.Parallel(R):
-                        l[r] = l[r] * rescale[r] + l_tile[r]
-                    for r, d in T.Parallel(R, DV):
-                        acc_o[r, d] *= rescale[r]
-                    T.copy(acc_s, p_cast)
+                    online_softmax(acc_s, m, m_prev, rescale, l, l_tile, acc_o, p_cast)
                     T.gemm(p_cast, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
                 for r, d in T.Parallel(R, DV):
                     if row_tok[r] >= 0:

@@ -34,7 +34,7 @@ import math
 import tilelang.language as T
 
 from .tiles import (ACCUM, LOG2E, make_gather_row_stat, make_gather_rows, make_item_rows,
-                    make_load_kv_rows, make_mask_scores, make_probs_from_lse,
+                    make_load_kv_rows, make_mask_scores, make_online_softmax, make_probs_from_lse,
                     make_scatter_add_rows)
 
 LN2 = math.log(2.0)
@@ -252,6 +252,7 @@ def q_fwd(G: int, D: int, DV: int, BS: int, dtype: str, threads: int, num_stages
     load_v = make_load_kv_rows(BS, DV, bulk_copy)
     mask = make_mask_scores(R, BS)
     gather_q = make_gather_rows(R, D, G)
+    online_softmax = make_online_softmax(R, BS, DV)
 
     @T.prim_func
     def main(
@@ -293,18 +294,7 @@ def q_fwd(G: int, D: int, DV: int, BS: int, dtype: str, threads: int, num_stages
                     T.clear(acc_s)
                     T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullCol)
                     mask(acc_s, row_tok, kb, sm_scale * LOG2E)
-                    T.copy(m, m_prev)
-                    T.reduce_max(acc_s, m, dim=1, clear=False)
-                    for r in T.Parallel(R):
-                        rescale[r] = T.if_then_else(m[r] == -T.infinity(ACCUM), 1, T.exp2(m_prev[r] - m[r]))
-                    for r, c in T.Parallel(R, BS):
-                        acc_s[r, c] = T.exp2(acc_s[r, c] - m[r])
-                    T.reduce_sum(acc_s, l_tile, dim=1)
-                    for r in T.Parallel(R):
-                        l[r] = l[r] * rescale[r] + l_tile[r]
-                    for r, d in T.Parallel(R, DV):
-                        acc_o[r, d] *= rescale[r]
-                    T.copy(acc_s, P_s)
+                    online_softmax(acc_s, m, m_prev, rescale, l, l_tile, acc_o, P_s)
                     T.gemm(P_s, V_s, acc_o, policy=T.GemmWarpPolicy.FullCol)
             for r, d in T.Parallel(R, DV):
                 if r < G:

@@ -115,6 +115,30 @@ def make_item_rows(rows: int, group: int):
     return item_rows
 
 
+def make_online_softmax(rows: int, cols: int, dim: int):
+    """One key tile of an online softmax: ``acc_s`` holds masked log2-domain scores (``-inf``
+    where not visible); updates the running max ``m``, sum ``l`` and output ``acc_o`` (rescaled),
+    leaving the tile's probabilities in ``p_s`` (input dtype, shared) for the caller's ``P @ V``.
+    Rows that have seen nothing yet keep ``m = -inf`` and a rescale of 1 (no NaN)."""
+
+    @T.macro
+    def online_softmax(acc_s, m, m_prev, rescale, l, l_tile, acc_o, p_s):
+        T.copy(m, m_prev)
+        T.reduce_max(acc_s, m, dim=1, clear=False)
+        for r in T.Parallel(rows):
+            rescale[r] = T.if_then_else(m[r] == -T.infinity(ACCUM), 1, T.exp2(m_prev[r] - m[r]))
+        for r, c in T.Parallel(rows, cols):
+            acc_s[r, c] = T.exp2(acc_s[r, c] - m[r])
+        T.reduce_sum(acc_s, l_tile, dim=1)
+        for r in T.Parallel(rows):
+            l[r] = l[r] * rescale[r] + l_tile[r]
+        for r, d in T.Parallel(rows, dim):
+            acc_o[r, d] *= rescale[r]
+        T.copy(acc_s, p_s)
+
+    return online_softmax
+
+
 SCATTER_MODES = ("x2", "x4", "tma")
 
 
