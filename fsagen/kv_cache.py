@@ -62,8 +62,9 @@ class NSAKVCache:
         self.batch, self.page_size, self.max_len = batch, page_size, max_len
         self.kernel_size, self.stride = kernel_size, stride
         self.num_kv_heads, self.head_dim, self.v_head_dim = num_kv_heads, head_dim, dv
-        self.dtype, self.device = dtype, torch.device(device)
-        self.k_pages = torch.zeros(num_pages, page_size, num_kv_heads, head_dim, dtype=dtype, device=self.device)
+        self.dtype = dtype
+        self.k_pages = torch.zeros(num_pages, page_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self.device = self.k_pages.device  # "cuda" resolved to its index, as tensors report theirs
         self.v_pages = torch.zeros(num_pages, page_size, num_kv_heads, dv, dtype=dtype, device=self.device)
         self.max_pages_per_seq = -(-max_len // page_size)
         self.block_table = torch.full((batch, self.max_pages_per_seq), -1, dtype=torch.int32)
