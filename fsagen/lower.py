@@ -60,9 +60,14 @@ def compile_programs(programs: dict, target: dict, dest: Path) -> dict:
     """
     import tilelang
 
+    from fsagen import lower_cpu
+
     stages = {}
     for stage, program in programs.items():
         func, pass_configs = _split_program(program)
+        if lower_cpu.is_cpu_target(target):  # TileLang's C backend: fsagen/lower_cpu.py
+            stages[stage] = lower_cpu.compile_stage(func, target, pass_configs, dest, stage)
+            continue
         # Read before compiling: a compile may mutate the PrimFunc.
         entry = str(func.attrs["global_symbol"]) if func.attrs and "global_symbol" in func.attrs else stage
         params = _param_info(func)
@@ -82,8 +87,13 @@ def compile_programs(programs: dict, target: dict, dest: Path) -> dict:
     return stages
 
 
-def load_function(library: Path, entry: str):
-    """The callable of one exported stage; see (a)-(c) above for how to call it."""
+def load_function(library: Path, entry: str, stage_meta: dict | None = None):
+    """The callable of one exported stage; see (a)-(c) above for how to call it. A stage compiled
+    for the CPU (its meta has an "abi") loads through fsagen/lower_cpu.py instead."""
+    if stage_meta and "abi" in stage_meta:
+        from fsagen.lower_cpu import load_function as load_cpu
+
+        return load_cpu(library, entry, stage_meta["params"], stage_meta["abi"])
     import tilelang  # noqa: F401  (registers TileLang's runtime, which the library needs)
     import tvm_ffi
 

@@ -291,11 +291,14 @@ def load_schedule(arch: str) -> Schedule:
     return Schedule.from_file(path)
 
 
-def detect_arch() -> str:
-    """The arch of the current CUDA device, e.g. 'sm90' for compute capability 9.0."""
+def detect_arch(device=None) -> str:
+    """The schedule arch of ``device`` (a torch.device; None: the current CUDA device): 'sm90'
+    for compute capability 9.0, 'cpu' for a CPU device (TileLang's C backend, schedules/cpu.toml)."""
     import torch
 
+    if device is not None and torch.device(device).type == "cpu":
+        return "cpu"
     if not torch.cuda.is_available():
         raise NoGPU("no CUDA device visible; pass arch= explicitly (e.g. arch='sm90') to use prebuilt kernels")
-    major, minor = torch.cuda.get_device_capability()
+    major, minor = torch.cuda.get_device_capability(device)
     return f"sm{major}{minor}"
