@@ -135,3 +135,39 @@ def test_selected_attention_on_cpu(loop_order):
     grads = torch.autograd.grad(o, (q, k, v), do)
     ro, rl, *rgrads = _reference(q, k, v, idx, cu, SLC_BS, do)
     _compare(o.detach(), lse, grads, ro, rl, rgrads, BF16, f"{loop_order} N={n}", "slc-cpu")
+
+
+def _swa_fwd_stage():
+    from fsagen.cache import get_kernel
+
+    spec = KERNELS[0][0]
+    assert (spec.branch, spec.phase, spec.dtype) == ("swa", "fwd", "bfloat16")
+    return get_kernel(spec, arch="cpu")["dense_fwd"]
+
+
+def test_cpu_stage_checks_its_arguments():
+    """The ctypes loader checks what TileLang's host wrapper checks on a GPU, naming the buffer."""
+    fn = _swa_fwd_stage()
+    n, cu = 40, torch.tensor([0, 40], dtype=torch.int32)
+    q, k, v = (torch.zeros(n, h, D, dtype=BF16) for h in (HKV * G, HKV, HKV))
+    tiles = torch.zeros(1, 2, dtype=torch.int32)
+    o, lse = torch.empty(n, HKV * G, D, dtype=BF16), torch.empty(n, HKV * G)
+    with pytest.raises(ValueError, match="expected 11 arguments"):
+        fn(q, k, v)
+    with pytest.raises(ValueError, match="K must have dtype bfloat16 or uint16"):
+        fn(q, k.half(), v, tiles, cu, cu, o, lse, 20, 0, 0.1)
+    with pytest.raises(ValueError, match=r"O.shape\[0\]=39 but Q gives N=40"):
+        fn(q, k, v, tiles, cu, cu, o[:39], lse, 20, 0, 0.1)
+    with pytest.raises(ValueError, match=r"O.shape\[2\] must be 32"):
+        fn(q, k, v, tiles, cu, cu, o[..., :16].contiguous(), lse, 20, 0, 0.1)
+    with pytest.raises(ValueError, match="V must be contiguous"):
+        fn(q, k, v.transpose(0, 1).contiguous().transpose(0, 1), tiles, cu, cu, o, lse, 20, 0, 0.1)
+    with pytest.raises(ValueError, match="lse must have 2 dims"):
+        fn(q, k, v, tiles, cu, cu, o, lse[..., None], 20, 0, 0.1)
+
+
+def test_cpu_artifact_holds_c_source_and_library():
+    fn = _swa_fwd_stage()
+    source = fn.library.with_suffix(".c").read_text()
+    assert "__global__" not in source and "for (int32_t" in source
+    assert [a.get("dim") for a in fn.abi if "dim" in a]  # symbolic sizes travel as arguments

@@ -44,7 +44,7 @@ def test_target_and_aliases():
 
 
 def test_unknown_arch_lists_known():
-    with pytest.raises(ScheduleError, match=r"unknown arch 'sm70'.*\['sm90'\]"):
+    with pytest.raises(ScheduleError, match=r"unknown arch 'sm70'; known: \[.*'sm90'.*\]"):
         load_schedule("sm70")
 
 
@@ -257,3 +257,10 @@ def test_detect_arch_without_gpu():
         pytest.skip("a GPU is present")
     with pytest.raises(NoGPU):
         detect_arch()
+
+
+def test_cpu_tensors_select_the_cpu_schedule():
+    torch = pytest.importorskip("torch")
+    assert detect_arch(torch.device("cpu")) == "cpu"
+    assert detect_arch("cpu") == "cpu"
+    assert load_schedule("cpu").target == {"kind": "c"}
