@@ -185,9 +185,10 @@ def sel_topk(G: int, D: int, dtype: str, block_size: int, kernel_size: int, stri
                 gather_q(Q, h, row_tok, Q_s)
                 for q, e in dl.par(BQ, HALO_A + BN):
                     ext[q, e] = 0
-                for lane, i in T.grid(LANES, topk):
-                    top_v[lane, i] = -1.0
-                    top_i[lane, i] = -1
+                for lane in T.serial(LANES):
+                    for i in T.unroll(topk):
+                        top_v[lane, i] = -1.0
+                        top_i[lane, i] = -1
                 n_tiles = T.ceildiv(k_hi, BN)
                 for it in T.serial(n_tiles):
                     j0 = it * BN

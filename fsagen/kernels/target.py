@@ -156,25 +156,25 @@ class Dialect:
 
     # -- data movement ---------------------------------------------------------------------------
     def make_copy_rows(self, rows: int, dim: int, io: IO, bulk: bool = True):
-        """``copy_rows(src, head, first, n, dst)``: ``dst[i, :] = src[first + i, head, :]`` for
-        the ``rows`` rows of ``dst`` (``dim`` columns), 0 for rows at or past ``n``.
+        """``copy_rows(src, head, first, n_tok, dst)``: ``dst[i, :] = src[first + i, head, :]``
+        for the ``rows`` rows of ``dst`` (``dim`` columns), 0 for rows at or past ``n_tok``.
 
         ``bulk`` on a GPU: TileLang's tile copy (cp.async / TMA, which a pipelined loop can
-        overlap with compute; TileLang predicates the rows past the tensor's end and ``n`` is not
+        overlap with compute; TileLang predicates the rows past the tensor's end and ``n_tok`` is not
         read: rows past it are the caller's to mask). Otherwise, and always on the CPU (whose
         copies must convert 16-bit elements), a guarded element loop."""
         if bulk and self.simt:
 
             @T.macro
-            def copy_rows(src, head, first, n, dst):
+            def copy_rows(src, head, first, n_tok, dst):
                 T.copy(src[first:first + rows, head, :], dst)
 
             return copy_rows
 
         @T.macro
-        def copy_rows(src, head, first, n, dst):
+        def copy_rows(src, head, first, n_tok, dst):
             for i, d in self.par(rows, dim):
-                dst[i, d] = T.if_then_else(first + i < n, io.load(src[first + i, head, d]), 0)
+                dst[i, d] = T.if_then_else(first + i < n_tok, io.load(src[first + i, head, d]), 0)
 
         return copy_rows
 
