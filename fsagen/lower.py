@@ -113,6 +113,10 @@ def resource_usage(cuda_source: str, target: dict) -> dict[str, dict[str, int]]:
     Stage pass configs that change nvcc flags (fast math) are not replayed.  TileLang kernels use
     dynamic shared memory, which ptxas does not report (the launch sets its size).
     """
+    if target.get("kind") != "cuda":
+        from fsagen.errors import ArtifactError
+
+        raise ArtifactError(f"resource usage (ptxas registers, spills) exists for CUDA targets only; target is {target}")
     from tilelang.contrib.cc import get_cplus_compiler
     from tilelang.contrib.nvcc import get_nvcc_compiler
     from tilelang.env import CUTLASS_INCLUDE_DIR, TILELANG_TEMPLATE_PATH
