@@ -192,7 +192,7 @@ class CompiledKernel:
             with self._lock:
                 function = self._functions.get(stage)
                 if function is None:
-                    function = load_function(self.path / info["library"], info["entry"])
+                    function = load_function(self.path / info["library"], info["entry"], info)
                     self._functions[stage] = function
         return function
 
@@ -204,7 +204,7 @@ class CompiledKernel:
 
 
 def programs_factory() -> Callable:
-    """The function (spec, plan) -> {stage: PrimFunc}: fsagen.kernels.build_programs.
+    """The function (spec, plan, target) -> {stage: PrimFunc}: fsagen.kernels.build_programs.
 
     $FSAGEN_PROGRAMS="module:function" substitutes another one (tests use a small fixture
     program; it is also a way to try an alternative kernel module without editing fsagen).
@@ -253,7 +253,7 @@ def ensure_artifact(spec: KernelSpec, plan: Plan, arch: str, root: Path | None =
     dest = Path(root) / schedule.arch / name
     try:
         built = build_artifact(
-            lambda: programs_factory()(spec, plan), key, schedule.target, dest,
+            lambda: programs_factory()(spec, plan, schedule.target), key, schedule.target, dest,
             extra_meta={"spec": spec.to_dict(), "plan": plan.to_dict(), "arch": schedule.arch},
         )
     except ScheduleError as exc:  # e.g. a stage over the target's shared memory: name the plan

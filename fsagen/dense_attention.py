@@ -74,11 +74,11 @@ def query_span(branch, num_queries, arg_a, keys):
 
 
 def forward(branch, q, k, v, cu_q, cu_k, arg_a, arg_b, scale):
-    kern, plan = plan_and_kernel(kernel_spec(branch, "fwd", q, k))
+    kern, plan = plan_and_kernel(kernel_spec(branch, "fwd", q, k), device=q.device)
     return dense_forward(kern, plan, q, k, v, cu_q, cu_k, arg_a, arg_b, scale)
 
 
 def backward(branch, do, q, k, v, o, lse, cu_q, cu_k, arg_a, arg_b, scale):
-    kern, plan = plan_and_kernel(kernel_spec(branch, "bwd", q, k))
+    kern, plan = plan_and_kernel(kernel_spec(branch, "bwd", q, k), device=q.device)
     span = query_span(branch, q.shape[0], arg_a, plan.knob("keys"))
     return dense_backward(kern, plan, do, q, k, v, o, lse, cu_q, cu_k, arg_a, arg_b, scale, span)

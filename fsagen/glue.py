@@ -25,19 +25,20 @@ def kernel_spec(branch, phase, q, k, **fields):
                       dtype=dtype_name(q.dtype), **values)
 
 
-def plan_for(spec, loop_order=None):
-    """(plan, arch) the current device's schedule gives ``spec``; loads nothing."""
+def plan_for(spec, loop_order=None, device=None):
+    """(plan, arch) the schedule of ``device`` (None: the current CUDA device; a CPU device: the
+    ``cpu`` schedule) gives ``spec``; loads nothing."""
     from .schedule import detect_arch, load_schedule
 
-    arch = detect_arch()
+    arch = detect_arch(device)
     return load_schedule(arch).plan(spec, loop_order=loop_order), arch
 
 
-def plan_and_kernel(spec, loop_order=None):
-    """(compiled kernel, plan) the current device's schedule gives ``spec``."""
+def plan_and_kernel(spec, loop_order=None, device=None):
+    """(compiled kernel, plan) the schedule of ``device`` gives ``spec`` (see ``plan_for``)."""
     from .cache import get_kernel
 
-    plan, arch = plan_for(spec, loop_order)
+    plan, arch = plan_for(spec, loop_order, device)
     return get_kernel(spec, plan, arch), plan
 
 

@@ -105,11 +105,16 @@ def compile_programs(programs: dict, target: dict, dest: Path) -> dict:
     """
     import tilelang
 
+    from fsagen import lower_cpu
+
     tl_target, target_configs = tilelang_target(target)
     limit = target.get(SHARED_MEMORY_LIMIT)
     stages = {}
     for stage, program in programs.items():
         func, stage_configs = _split_program(program)
+        if lower_cpu.is_cpu_target(target):  # TileLang's C backend: fsagen/lower_cpu.py
+            stages[stage] = lower_cpu.compile_stage(func, target, stage_configs, dest, stage)
+            continue
         pass_configs = _merge_pass_configs(target_configs, stage_configs)
         # Read before compiling: a compile may mutate the PrimFunc.
         entry = str(func.attrs["global_symbol"]) if func.attrs and "global_symbol" in func.attrs else stage
@@ -137,8 +142,13 @@ def compile_programs(programs: dict, target: dict, dest: Path) -> dict:
     return stages
 
 
-def load_function(library: Path, entry: str):
-    """The callable of one exported stage; see (a)-(c) above for how to call it."""
+def load_function(library: Path, entry: str, stage_meta: dict | None = None):
+    """The callable of one exported stage; see (a)-(c) above for how to call it. A stage compiled
+    for the CPU (its meta has an "abi") loads through fsagen/lower_cpu.py instead."""
+    if stage_meta and "abi" in stage_meta:
+        from fsagen.lower_cpu import load_function as load_cpu
+
+        return load_cpu(library, entry, stage_meta["params"], stage_meta["abi"])
     import tilelang  # noqa: F401  (registers TileLang's runtime, which the library needs)
     import tvm_ffi
 
@@ -208,6 +218,10 @@ def resource_usage(cuda_source: str, target: dict) -> dict[str, dict[str, int]]:
     Stage pass configs that change nvcc flags (fast math) are not replayed.  TileLang kernels use
     dynamic shared memory, which ptxas does not report (the launch sets its size).
     """
+    if target.get("kind") != "cuda":
+        from fsagen.errors import ArtifactError
+
+        raise ArtifactError(f"resource usage (ptxas registers, spills) exists for CUDA targets only; target is {target}")
     from tilelang.contrib.cc import get_cplus_compiler
     from tilelang.contrib.nvcc import get_nvcc_compiler
     from tilelang.env import CUTLASS_INCLUDE_DIR, TILELANG_TEMPLATE_PATH

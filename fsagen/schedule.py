@@ -335,19 +335,22 @@ def load_schedule(arch: str) -> Schedule:
     return Schedule.from_file(path)
 
 
-def detect_arch() -> str:
-    """The arch of the current CUDA device, e.g. 'sm90' for compute capability 9.0.
+def detect_arch(device=None) -> str:
+    """The schedule arch of ``device`` (a torch.device; None: the current CUDA device): 'sm90'
+    for compute capability 9.0, 'cpu' for a CPU device (TileLang's C backend, schedules/cpu.toml).
 
-    $FSAGEN_ARCH overrides it (any spelling normalize_arch accepts): the way to run another
-    schedule's kernels on this GPU, e.g. FSAGEN_ARCH=sm80 on an H100 runs the sm80 kernels through
-    their embedded compute_80 PTX (schedules/README.md).
+    For a GPU, $FSAGEN_ARCH overrides it (any spelling normalize_arch accepts): the way to run
+    another schedule's kernels on this GPU, e.g. FSAGEN_ARCH=sm80 on an H100 runs the sm80 kernels
+    through their embedded compute_80 PTX (schedules/README.md).
     """
+    import torch
+
+    if device is not None and torch.device(device).type == "cpu":
+        return "cpu"
     forced = os.environ.get("FSAGEN_ARCH")
     if forced:
         return normalize_arch(forced)
-    import torch
-
     if not torch.cuda.is_available():
         raise NoGPU("no CUDA device visible; pass arch= explicitly (e.g. arch='sm90') to use prebuilt kernels")
-    major, minor = torch.cuda.get_device_capability()
+    major, minor = torch.cuda.get_device_capability(device)
     return f"sm{major}{minor}"

@@ -33,5 +33,5 @@ def select(q, k_cmp, lse, cu_q, cu_k, kernel_size, stride, block_size, topk, ini
            scale):
     spec = kernel_spec("sel", "fwd", q, k_cmp, block_size=block_size, topk=topk,
                        kernel_size=kernel_size, stride=stride)
-    kern, plan = plan_and_kernel(spec)
+    kern, plan = plan_and_kernel(spec, device=q.device)
     return select_forward(kern, plan, q, k_cmp, lse, cu_q, cu_k, topk, init_blocks, local_blocks, scale)

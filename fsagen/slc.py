@@ -25,11 +25,11 @@ def _spec(q, k, topk_idx, block_size, phase):
 def plan_for(q, k, topk_idx, block_size, phase, loop_order=None):
     """(spec, plan, arch) the schedule picks for these inputs; loads nothing."""
     spec = _spec(q, k, topk_idx, block_size, phase)
-    return (spec, *_plan_for_spec(spec, loop_order))
+    return (spec, *_plan_for_spec(spec, loop_order, q.device))
 
 
 def _kernel(q, k, topk_idx, block_size, phase, loop_order):
-    return plan_and_kernel(_spec(q, k, topk_idx, block_size, phase), loop_order)
+    return plan_and_kernel(_spec(q, k, topk_idx, block_size, phase), loop_order, q.device)
 
 
 def _head_chunks(num_tokens, num_kv_heads, topk, acc_floats_per_head_token):

@@ -1,6 +1,6 @@
 """A tiny TileLang program standing in for the real kernels in infrastructure tests.
 
-`build_programs(spec, plan)` has the signature of fsagen.kernels.build_programs; select it with
+`build_programs(spec, plan, target)` has the signature of fsagen.kernels.build_programs; select it with
 FSAGEN_PROGRAMS=fixture_programs:build_programs (tests/ on sys.path).
 """
 
@@ -22,7 +22,7 @@ def axpy(block: int = 128, threads: int = 128):
     return axpy_kernel
 
 
-def build_programs(spec, plan):
+def build_programs(spec, plan, target=None):
     return {"main": axpy()}
 
 

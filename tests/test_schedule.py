@@ -44,7 +44,7 @@ def test_target_and_aliases():
 
 
 def test_unknown_arch_lists_known():
-    with pytest.raises(ScheduleError, match=r"unknown arch 'sm70'.*\['sm80', 'sm90'\]") as info:
+    with pytest.raises(ScheduleError, match=r"unknown arch 'sm70'; known: \[.*'sm80', 'sm90'\]") as info:
         load_schedule("sm70")
     assert "schedule files in" in str(info.value)
 
@@ -356,3 +356,10 @@ GUIDE = (Path(__file__).resolve().parent.parent / "schedules" / "README.md").rea
 def test_guide_documents_every_knob_target_key_and_loop_order(name):
     """schedules/README.md has a line starting with the name in backticks (its reference entry)."""
     assert f"| `{name}` |" in GUIDE, f"schedules/README.md does not document {name!r}"
+
+
+def test_cpu_tensors_select_the_cpu_schedule():
+    torch = pytest.importorskip("torch")
+    assert detect_arch(torch.device("cpu")) == "cpu"
+    assert detect_arch("cpu") == "cpu"
+    assert load_schedule("cpu").target == {"kind": "c"}

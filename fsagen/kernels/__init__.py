@@ -1,7 +1,9 @@
 """TileLang programs: pure functions (KernelSpec, Plan) -> PrimFuncs. All kernel math lives here.
 
 ``build_programs`` is the single entry point used by the cache (to compile) and nothing else needs
-to know which stages a plan has. Each call builds fresh PrimFuncs: a compile may mutate one.
+to know which stages a plan has. Each call builds fresh PrimFuncs: a compile may mutate one. The
+schedule's target picks the dialect the programs are spelled in (``target.py``: a GPU's threads,
+or TileLang's serial CPU backend), so one program text serves every target.
 
 Program families ("loop orders" in a schedule):
 
@@ -53,29 +55,29 @@ def stage_names(branch: str, loop_order: str, phase: str) -> tuple:
     }[(loop_order, phase)]
 
 
-def _slc_builders(spec, plan, dtype):
+def _slc_builders(spec, plan, dtype, dl):
     from . import slc
 
     G, D, BS = spec.G, spec.D, spec.block_size
     DV = D
     knob = plan.knob
     return {
-        "kv_fwd_stats": lambda: slc.kv_fwd_stats(G, D, BS, dtype, knob("rows"), knob("threads")),
+        "kv_fwd_stats": lambda: slc.kv_fwd_stats(G, D, BS, dtype, knob("rows"), knob("threads"), dl=dl),
         "kv_fwd_accum": lambda: slc.kv_fwd_accum(G, D, DV, BS, dtype, knob("rows"), knob("threads"),
-                                                 knob("scatter")),
+                                                 knob("scatter"), dl=dl),
         "kv_bwd": lambda: slc.kv_bwd(G, D, DV, BS, dtype, knob("rows"), knob("bwd_threads"), True,
-                                     knob("scatter")),
+                                     knob("scatter"), dl=dl),
         "kv_bwd_dkdv": lambda: slc.kv_bwd(G, D, DV, BS, dtype, knob("rows"), knob("bwd_threads"),
-                                          False, "x2"),
-        "row_dot": lambda: slc.row_dot(DV, dtype, 128),
+                                          False, "x2", dl=dl),
+        "row_dot": lambda: slc.row_dot(DV, dtype, 128, dl),
         "q_fwd": lambda: slc.q_fwd(G, D, DV, BS, dtype, knob("q_threads"), knob("num_stages"),
-                                   knob("bulk_copy")),
+                                   knob("bulk_copy"), dl=dl),
         "q_bwd_dq": lambda: slc.q_bwd_dq(G, D, DV, BS, dtype, knob("q_threads"), knob("num_stages"),
-                                         knob("bulk_copy")),
+                                         knob("bulk_copy"), dl=dl),
     }
 
 
-def _dense_builders(spec, plan, dtype):
+def _dense_builders(spec, plan, dtype, dl):
     from . import dense, slc
 
     G, D = spec.G, spec.D
@@ -83,29 +85,36 @@ def _dense_builders(spec, plan, dtype):
     knob = plan.knob
     return {
         "dense_fwd": lambda: dense.dense_fwd(spec.branch, G, D, DV, dtype, knob("rows"), knob("keys"),
-                                             knob("threads"), knob("num_stages")),
+                                             knob("threads"), knob("num_stages"), dl),
         "dense_bwd_dq": lambda: dense.dense_bwd_dq(spec.branch, G, D, DV, dtype, knob("rows"),
-                                                   knob("keys"), knob("bwd_threads"), knob("num_stages")),
+                                                   knob("keys"), knob("bwd_threads"), knob("num_stages"), dl),
         "dense_bwd_dkdv": lambda: dense.dense_bwd_dkdv(spec.branch, G, D, DV, dtype, knob("rows"),
-                                                       knob("keys"), knob("bwd_threads"), knob("q_split")),
-        "row_dot": lambda: slc.row_dot(DV, dtype, 128),
+                                                       knob("keys"), knob("bwd_threads"), knob("q_split"), dl),
+        "row_dot": lambda: slc.row_dot(DV, dtype, 128, dl),
     }
 
 
-def _sel_builders(spec, plan, dtype):
+def _sel_builders(spec, plan, dtype, dl):
     from . import select
 
     knob = plan.knob
     return {
         "sel_topk": lambda: select.sel_topk(spec.G, spec.D, dtype, spec.block_size,
                                             spec.kernel_size, spec.stride, spec.topk, knob("rows"),
-                                            knob("keys"), knob("threads")),
+                                            knob("keys"), knob("threads"), dl),
     }
 
 
-def _comp_builders(spec, plan, dtype):
+def _gpu_only(branch, dl):
+    """comp and dec have no CPU spelling yet (schedules/CPU.md): refuse a serial dialect."""
+    if not dl.simt:
+        raise ValueError(f"{branch} programs have no CPU (serial dialect) spelling")
+
+
+def _comp_builders(spec, plan, dtype, dl):
     from . import compress
 
+    _gpu_only("comp", dl)
     knob = plan.knob
     shape = (spec.D, dtype, spec.kernel_size, spec.stride, knob("rows"))
     return {
@@ -115,26 +124,34 @@ def _comp_builders(spec, plan, dtype):
     }
 
 
-def _dec_builders(spec, plan, dtype):
+def _dec_builders(spec, plan, dtype, dl):
     from . import decode
 
+    _gpu_only("dec", dl)
     return {"decode_fwd": lambda: decode.decode_fwd(spec.G, spec.D, spec.D, dtype, spec.block_size,
                                                     plan.knob("threads"))}
 
 
-def build_programs(spec, plan) -> dict:
-    """Fresh PrimFuncs for every stage of ``plan`` applied to ``spec``."""
+def build_programs(spec, plan, target: dict | None = None) -> dict:
+    """Fresh programs for every stage of ``plan`` applied to ``spec``, spelled for ``target`` (the
+    schedule's ``[target]`` table; None: a GPU): a PrimFunc each, or (PrimFunc, pass configs)
+    where the target's dialect needs pass configs (``fsagen.lower`` accepts both)."""
+    from .target import dialect_for
+
     dtype = _DTYPES[spec.dtype]
+    dl = dialect_for(target)
     if spec.branch == "slc":
-        builders = _slc_builders(spec, plan, dtype)
+        builders = _slc_builders(spec, plan, dtype, dl)
     elif spec.branch in ("cmp", "swa"):
-        builders = _dense_builders(spec, plan, dtype)
+        builders = _dense_builders(spec, plan, dtype, dl)
     elif spec.branch == "sel":
-        builders = _sel_builders(spec, plan, dtype)
+        builders = _sel_builders(spec, plan, dtype, dl)
     elif spec.branch == "comp":
-        builders = _comp_builders(spec, plan, dtype)
+        builders = _comp_builders(spec, plan, dtype, dl)
     elif spec.branch == "dec":
-        builders = _dec_builders(spec, plan, dtype)
+        builders = _dec_builders(spec, plan, dtype, dl)
     else:
         raise ValueError(f"no programs for branch {spec.branch!r}")
-    return {name: builders[name]() for name in stage_names(spec.branch, plan.loop_order, spec.phase)}
+    configs = dl.pass_configs()
+    programs = {name: builders[name]() for name in stage_names(spec.branch, plan.loop_order, spec.phase)}
+    return {name: (func, configs) if configs else func for name, func in programs.items()}

@@ -20,6 +20,7 @@ import math
 
 import tilelang.language as T
 
+from .target import SIMT
 from .tiles import ACCUM, LOG2E, make_online_softmax
 
 INDEX = "int32"
@@ -30,7 +31,7 @@ def decode_fwd(G: int, D: int, DV: int, dtype: str, page_size: int, threads: int
     R = (G + 15) // 16 * 16
     PS = page_size
     B, HQ, HKV, P, NT, S = T.dynamic("B, HQ, HKV, P, NT, S")
-    online_softmax = make_online_softmax(R, PS, DV)
+    online_softmax = make_online_softmax(R, PS, DV, SIMT)  # GPU only (no CPU spelling yet)
 
     @T.prim_func
     def main(

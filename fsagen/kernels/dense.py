@@ -32,6 +32,7 @@ import math
 
 import tilelang.language as T
 
+from .target import SIMT, Dialect
 from .tiles import ACCUM, LOG2E, make_gather_row_stat, make_gather_rows, make_online_softmax
 
 LN2 = math.log(2.0)
@@ -74,43 +75,46 @@ def make_visible(branch: str):
 
 
 def dense_fwd(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, keys: int,
-              threads: int, num_stages: int):
+              threads: int, num_stages: int, dl: Dialect = SIMT):
     if rows % G:
         raise ValueError(f"dense_fwd: rows={rows} must be a multiple of G={G}")
     R, BQ, BN = rows, rows // G, keys
     lo, hi = key_range(branch)
     visible = make_visible(branch)
     N, NK, HQ, HKV, NT, B1 = T.dynamic("N, NK, HQ, HKV, NT, B1")
-    gather_q = make_gather_rows(R, D, G)
-    online_softmax = make_online_softmax(R, BN, DV)
+    io = dl.io(dtype)
+    copy_k = dl.make_copy_rows(BN, D, io)
+    copy_v = dl.make_copy_rows(BN, DV, io)
+    gather_q = make_gather_rows(R, D, G, dl, io)
+    online_softmax = make_online_softmax(R, BN, DV, dl)
 
     @T.prim_func
     def main(
-        Q: T.Tensor((N, HQ, D), dtype),
-        K: T.Tensor((NK, HKV, D), dtype),
-        V: T.Tensor((NK, HKV, DV), dtype),
+        Q: T.Tensor((N, HQ, D), io.tensor),
+        K: T.Tensor((NK, HKV, D), io.tensor),
+        V: T.Tensor((NK, HKV, DV), io.tensor),
         tiles: T.Tensor((NT, 2), INDEX),
         cu_q: T.Tensor((B1,), INDEX),
         cu_k: T.Tensor((B1,), INDEX),
-        O: T.Tensor((N, HQ, DV), dtype),
+        O: T.Tensor((N, HQ, DV), io.tensor),
         lse: T.Tensor((N, HQ), ACCUM),
         arg_a: T.int32,
         arg_b: T.int32,
         sm_scale: T.float32,
     ):
         with T.Kernel(NT, HKV, threads=threads) as (bt, h):
-            Q_s = T.alloc_shared((R, D), dtype)
-            K_s = T.alloc_shared((BN, D), dtype)
-            V_s = T.alloc_shared((BN, DV), dtype)
-            row_tok = T.alloc_shared((R,), INDEX)
-            acc_s = T.alloc_fragment((R, BN), ACCUM)
-            p_cast = T.alloc_fragment((R, BN), dtype)
-            acc_o = T.alloc_fragment((R, DV), ACCUM)
-            m = T.alloc_fragment((R,), ACCUM)
-            m_prev = T.alloc_fragment((R,), ACCUM)
-            rescale = T.alloc_fragment((R,), ACCUM)
-            l = T.alloc_fragment((R,), ACCUM)
-            l_tile = T.alloc_fragment((R,), ACCUM)
+            Q_s = dl.alloc_tile((R, D), io.tile)
+            K_s = dl.alloc_tile((BN, D), io.tile)
+            V_s = dl.alloc_tile((BN, DV), io.tile)
+            row_tok = dl.alloc_tile((R,), INDEX)
+            acc_s = dl.alloc_acc((R, BN), ACCUM)
+            p_cast = dl.alloc_acc((R, BN), io.tile)
+            acc_o = dl.alloc_acc((R, DV), ACCUM)
+            m = dl.alloc_acc((R,), ACCUM)
+            m_prev = dl.alloc_acc((R,), ACCUM)
+            rescale = dl.alloc_acc((R,), ACCUM)
+            l = dl.alloc_acc((R,), ACCUM)
+            l_tile = dl.alloc_acc((R,), ACCUM)
 
             seq = tiles[bt, 0]
             p0 = tiles[bt, 1]
@@ -120,7 +124,7 @@ def dense_fwd(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, keys:
                 p1 = T.min(p0 + BQ, cu_q[seq + 1] - q0)
                 k_lo = lo(p0, arg_a, arg_b)
                 k_hi = T.min(hi(p1 - 1, arg_a, arg_b), cu_k[seq + 1] - k0)
-                for r in T.Parallel(R):
+                for r in dl.par(R):
                     row_tok[r] = T.if_then_else(p0 + r // G < p1, q0 + p0 + r // G, -1)
                 gather_q(Q, h, row_tok, Q_s)
                 T.clear(acc_o)
@@ -128,17 +132,17 @@ def dense_fwd(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, keys:
                 T.fill(m, NEG_BIG)
                 for it in T.Pipelined(T.ceildiv(T.max(k_hi - k_lo, 0), BN), num_stages=num_stages):
                     j0 = k_lo + it * BN
-                    T.copy(K[k0 + j0:k0 + j0 + BN, h, :], K_s)
-                    T.copy(V[k0 + j0:k0 + j0 + BN, h, :], V_s)
+                    copy_k(K, h, k0 + j0, NK, K_s)
+                    copy_v(V, h, k0 + j0, NK, V_s)
                     T.clear(acc_s)
                     T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
                     if (p1 - p0 == BQ) and (j0 >= lo(p1 - 1, arg_a, arg_b)) and (
                         j0 + BN <= hi(p0, arg_a, arg_b)
                     ):
-                        for r, c in T.Parallel(R, BN):
+                        for r, c in dl.par(R, BN):
                             acc_s[r, c] = acc_s[r, c] * (sm_scale * LOG2E)
                     else:
-                        for r, c in T.Parallel(R, BN):
+                        for r, c in dl.par(R, BN):
                             acc_s[r, c] = T.if_then_else(
                                 visible(p0 + r // G, p1, j0 + c, k_hi, arg_a, arg_b),
                                 acc_s[r, c] * (sm_scale * LOG2E),
@@ -146,10 +150,10 @@ def dense_fwd(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, keys:
                             )
                     online_softmax(acc_s, m, m_prev, rescale, l, l_tile, acc_o, p_cast)
                     T.gemm(p_cast, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
-                for r, d in T.Parallel(R, DV):
+                for r, d in dl.par(R, DV):
                     if row_tok[r] >= 0:
-                        O[row_tok[r], h * G + r % G, d] = T.if_then_else(l[r] > 0, acc_o[r, d] / l[r], 0)
-                for r in T.Parallel(R):
+                        O[row_tok[r], h * G + r % G, d] = io.store(T.if_then_else(l[r] > 0, acc_o[r, d] / l[r], 0))
+                for r in dl.par(R):
                     if row_tok[r] >= 0:
                         lse[row_tok[r], h * G + r % G] = T.if_then_else(
                             l[r] > 0, (m[r] + T.log2(l[r])) * LN2, -T.infinity(ACCUM)
@@ -159,7 +163,7 @@ def dense_fwd(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, keys:
 
 
 def dense_bwd_dq(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, keys: int,
-                 threads: int, num_stages: int):
+                 threads: int, num_stages: int, dl: Dialect = SIMT):
     """dQ by query tiles (the forward's loop): recomputes P from lse, no atomics, no float32 buffer."""
     if rows % G:
         raise ValueError(f"dense_bwd_dq: rows={rows} must be a multiple of G={G}")
@@ -167,38 +171,41 @@ def dense_bwd_dq(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, ke
     lo, hi = key_range(branch)
     visible = make_visible(branch)
     N, NK, HQ, HKV, NT, B1 = T.dynamic("N, NK, HQ, HKV, NT, B1")
-    gather_q = make_gather_rows(R, D, G)
-    gather_do = make_gather_rows(R, DV, G)
-    gather_stat = make_gather_row_stat(R, G)
+    io = dl.io(dtype)
+    copy_k = dl.make_copy_rows(BN, D, io)
+    copy_v = dl.make_copy_rows(BN, DV, io)
+    gather_q = make_gather_rows(R, D, G, dl, io)
+    gather_do = make_gather_rows(R, DV, G, dl, io)
+    gather_stat = make_gather_row_stat(R, G, dl)
 
     @T.prim_func
     def main(
-        Q: T.Tensor((N, HQ, D), dtype),
-        K: T.Tensor((NK, HKV, D), dtype),
-        V: T.Tensor((NK, HKV, DV), dtype),
-        dO: T.Tensor((N, HQ, DV), dtype),
+        Q: T.Tensor((N, HQ, D), io.tensor),
+        K: T.Tensor((NK, HKV, D), io.tensor),
+        V: T.Tensor((NK, HKV, DV), io.tensor),
+        dO: T.Tensor((N, HQ, DV), io.tensor),
         tiles: T.Tensor((NT, 2), INDEX),
         cu_q: T.Tensor((B1,), INDEX),
         cu_k: T.Tensor((B1,), INDEX),
         lse2: T.Tensor((N, HQ), ACCUM),
         delta: T.Tensor((N, HQ), ACCUM),
-        dQ: T.Tensor((N, HQ, D), dtype),
+        dQ: T.Tensor((N, HQ, D), io.tensor),
         arg_a: T.int32,
         arg_b: T.int32,
         sm_scale: T.float32,
     ):
         with T.Kernel(NT, HKV, threads=threads) as (bt, h):
-            Q_s = T.alloc_shared((R, D), dtype)
-            dO_s = T.alloc_shared((R, DV), dtype)
-            K_s = T.alloc_shared((BN, D), dtype)
-            V_s = T.alloc_shared((BN, DV), dtype)
-            dS_s = T.alloc_shared((R, BN), dtype)
-            row_tok = T.alloc_shared((R,), INDEX)
-            row_lse2 = T.alloc_shared((R,), ACCUM)
-            row_delta = T.alloc_shared((R,), ACCUM)
-            acc_s = T.alloc_fragment((R, BN), ACCUM)
-            acc_dp = T.alloc_fragment((R, BN), ACCUM)
-            acc_dq = T.alloc_fragment((R, D), ACCUM)
+            Q_s = dl.alloc_tile((R, D), io.tile)
+            dO_s = dl.alloc_tile((R, DV), io.tile)
+            K_s = dl.alloc_tile((BN, D), io.tile)
+            V_s = dl.alloc_tile((BN, DV), io.tile)
+            dS_s = dl.alloc_tile((R, BN), io.tile)
+            row_tok = dl.alloc_tile((R,), INDEX)
+            row_lse2 = dl.alloc_tile((R,), ACCUM)
+            row_delta = dl.alloc_tile((R,), ACCUM)
+            acc_s = dl.alloc_acc((R, BN), ACCUM)
+            acc_dp = dl.alloc_acc((R, BN), ACCUM)
+            acc_dq = dl.alloc_acc((R, D), ACCUM)
 
             seq = tiles[bt, 0]
             p0 = tiles[bt, 1]
@@ -208,7 +215,7 @@ def dense_bwd_dq(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, ke
                 p1 = T.min(p0 + BQ, cu_q[seq + 1] - q0)
                 k_lo = lo(p0, arg_a, arg_b)
                 k_hi = T.min(hi(p1 - 1, arg_a, arg_b), cu_k[seq + 1] - k0)
-                for r in T.Parallel(R):
+                for r in dl.par(R):
                     row_tok[r] = T.if_then_else(p0 + r // G < p1, q0 + p0 + r // G, -1)
                 gather_stat(lse2, h, row_tok, row_lse2)
                 gather_stat(delta, h, row_tok, row_delta)
@@ -217,13 +224,13 @@ def dense_bwd_dq(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, ke
                 T.clear(acc_dq)
                 for it in T.Pipelined(T.ceildiv(T.max(k_hi - k_lo, 0), BN), num_stages=num_stages):
                     j0 = k_lo + it * BN
-                    T.copy(K[k0 + j0:k0 + j0 + BN, h, :], K_s)
-                    T.copy(V[k0 + j0:k0 + j0 + BN, h, :], V_s)
+                    copy_k(K, h, k0 + j0, NK, K_s)
+                    copy_v(V, h, k0 + j0, NK, V_s)
                     T.clear(acc_s)
                     T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
                     T.clear(acc_dp)
                     T.gemm(dO_s, V_s, acc_dp, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                    for r, c in T.Parallel(R, BN):
+                    for r, c in dl.par(R, BN):
                         acc_dp[r, c] = T.if_then_else(
                             visible(p0 + r // G, p1, j0 + c, k_hi, arg_a, arg_b),
                             T.exp2(acc_s[r, c] * (sm_scale * LOG2E) - row_lse2[r])
@@ -232,15 +239,15 @@ def dense_bwd_dq(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, ke
                         )
                     T.copy(acc_dp, dS_s)
                     T.gemm(dS_s, K_s, acc_dq, policy=T.GemmWarpPolicy.FullRow)
-                for r, d in T.Parallel(R, D):
+                for r, d in dl.par(R, D):
                     if row_tok[r] >= 0:
-                        dQ[row_tok[r], h * G + r % G, d] = acc_dq[r, d]
+                        dQ[row_tok[r], h * G + r % G, d] = io.store(acc_dq[r, d])
 
     return main
 
 
 def dense_bwd_dkdv(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, keys: int,
-                   threads: int, q_split: int):
+                   threads: int, q_split: int, dl: Dialect = SIMT):
     """dK, dV by key tiles: each key tile's gradients stay in registers over the query tiles that
     see it. ``q_split == 0``: one CTA takes all of them and stores dK/dV once (a key belongs to
     one tile: no atomics). ``q_split > 0``: the queries are cut into runs of ``q_split``
@@ -248,27 +255,30 @@ def dense_bwd_dkdv(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, 
     partial dK/dV into float32 buffers: cmp has few key tiles (N / stride keys) each seen by up to
     N queries, which left 128 CTAs with long serial loops at N = 65536 (150 ms at G = 16)."""
     split = q_split > 0
-    GRAD = ACCUM if split else dtype
+    io = dl.io(dtype)
+    GRAD = ACCUM if split else io.tensor
     if rows % G:
         raise ValueError(f"dense_bwd_dkdv: rows={rows} must be a multiple of G={G}")
     R, BQ, BN = rows, rows // G, keys
     visible = make_visible(branch)
     q_first, q_end = query_range(branch)
-    store = make_store_key_rows(BN, split)
+    store = make_store_key_rows(BN, split, dl, io)
 
     def clip_run(first, end):
         return T.min(end, first + q_split) if split else end
     N, NK, HQ, HKV, NT, B1 = T.dynamic("N, NK, HQ, HKV, NT, B1")
-    gather_q = make_gather_rows(R, D, G)
-    gather_do = make_gather_rows(R, DV, G)
-    gather_stat = make_gather_row_stat(R, G)
+    copy_k = dl.make_copy_rows(BN, D, io)
+    copy_v = dl.make_copy_rows(BN, DV, io)
+    gather_q = make_gather_rows(R, D, G, dl, io)
+    gather_do = make_gather_rows(R, DV, G, dl, io)
+    gather_stat = make_gather_row_stat(R, G, dl)
 
     @T.prim_func
     def main(
-        Q: T.Tensor((N, HQ, D), dtype),
-        K: T.Tensor((NK, HKV, D), dtype),
-        V: T.Tensor((NK, HKV, DV), dtype),
-        dO: T.Tensor((N, HQ, DV), dtype),
+        Q: T.Tensor((N, HQ, D), io.tensor),
+        K: T.Tensor((NK, HKV, D), io.tensor),
+        V: T.Tensor((NK, HKV, DV), io.tensor),
+        dO: T.Tensor((N, HQ, DV), io.tensor),
         tiles: T.Tensor((NT, 3), INDEX),
         cu_q: T.Tensor((B1,), INDEX),
         cu_k: T.Tensor((B1,), INDEX),
@@ -281,19 +291,19 @@ def dense_bwd_dkdv(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, 
         sm_scale: T.float32,
     ):
         with T.Kernel(NT, HKV, threads=threads) as (bt, h):
-            K_s = T.alloc_shared((BN, D), dtype)
-            V_s = T.alloc_shared((BN, DV), dtype)
-            Q_s = T.alloc_shared((R, D), dtype)
-            dO_s = T.alloc_shared((R, DV), dtype)
-            P_s = T.alloc_shared((R, BN), dtype)
-            dS_s = T.alloc_shared((R, BN), dtype)
-            row_tok = T.alloc_shared((R,), INDEX)
-            row_lse2 = T.alloc_shared((R,), ACCUM)
-            row_delta = T.alloc_shared((R,), ACCUM)
-            acc_s = T.alloc_fragment((R, BN), ACCUM)
-            acc_dp = T.alloc_fragment((R, BN), ACCUM)
-            acc_dk = T.alloc_fragment((BN, D), ACCUM)
-            acc_dv = T.alloc_fragment((BN, DV), ACCUM)
+            K_s = dl.alloc_tile((BN, D), io.tile)
+            V_s = dl.alloc_tile((BN, DV), io.tile)
+            Q_s = dl.alloc_tile((R, D), io.tile)
+            dO_s = dl.alloc_tile((R, DV), io.tile)
+            P_s = dl.alloc_tile((R, BN), io.tile)
+            dS_s = dl.alloc_tile((R, BN), io.tile)
+            row_tok = dl.alloc_tile((R,), INDEX)
+            row_lse2 = dl.alloc_tile((R,), ACCUM)
+            row_delta = dl.alloc_tile((R,), ACCUM)
+            acc_s = dl.alloc_acc((R, BN), ACCUM)
+            acc_dp = dl.alloc_acc((R, BN), ACCUM)
+            acc_dk = dl.alloc_acc((BN, D), ACCUM)
+            acc_dv = dl.alloc_acc((BN, DV), ACCUM)
 
             seq = tiles[bt, 0]
             j0 = tiles[bt, 1]
@@ -304,13 +314,13 @@ def dense_bwd_dkdv(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, 
                 j1 = T.min(j0 + BN, cu_k[seq + 1] - k0)
                 p_lo = T.max(q_first(j0, arg_a, arg_b), 0) + tiles[bt, 2] * q_split
                 p_hi = clip_run(p_lo, T.min(q_end(j1 - 1, arg_a, arg_b), n_q))
-                T.copy(K[k0 + j0:k0 + j0 + BN, h, :], K_s)
-                T.copy(V[k0 + j0:k0 + j0 + BN, h, :], V_s)
+                copy_k(K, h, k0 + j0, NK, K_s)
+                copy_v(V, h, k0 + j0, NK, V_s)
                 T.clear(acc_dk)
                 T.clear(acc_dv)
                 for it in T.serial(T.ceildiv(T.max(p_hi - p_lo, 0), BQ)):
                     p0 = p_lo + it * BQ
-                    for r in T.Parallel(R):
+                    for r in dl.par(R):
                         row_tok[r] = T.if_then_else(p0 + r // G < p_hi, q0 + p0 + r // G, -1)
                     gather_stat(lse2, h, row_tok, row_lse2)
                     gather_stat(delta, h, row_tok, row_delta)
@@ -318,7 +328,7 @@ def dense_bwd_dkdv(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, 
                     gather_do(dO, h, row_tok, dO_s)
                     T.clear(acc_s)
                     T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                    for r, c in T.Parallel(R, BN):
+                    for r, c in dl.par(R, BN):
                         acc_s[r, c] = T.if_then_else(
                             visible(p0 + r // G, p_hi, j0 + c, j1, arg_a, arg_b),
                             T.exp2(acc_s[r, c] * (sm_scale * LOG2E) - row_lse2[r]),
@@ -327,7 +337,7 @@ def dense_bwd_dkdv(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, 
                     T.clear(acc_dp)
                     T.gemm(dO_s, V_s, acc_dp, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
                     T.copy(acc_s, P_s)
-                    for r, c in T.Parallel(R, BN):
+                    for r, c in dl.par(R, BN):
                         acc_dp[r, c] = acc_s[r, c] * (acc_dp[r, c] - row_delta[r]) * sm_scale
                     T.copy(acc_dp, dS_s)
                     T.gemm(P_s, dO_s, acc_dv, transpose_A=True, policy=T.GemmWarpPolicy.FullRow)
@@ -338,14 +348,14 @@ def dense_bwd_dkdv(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, 
     return main
 
 
-def make_store_key_rows(rows: int, add: bool):
+def make_store_key_rows(rows: int, add: bool, dl: Dialect, io):
     """Write (or, ``add``, atomically add) the first ``n`` of ``rows`` gradient rows of one kv
     head to ``dst[first + i, head, :]``."""
     if add:
 
         @T.macro
         def store(acc, dst, first, n, head):
-            for i, d in T.Parallel(rows, acc.shape[1]):
+            for i, d in dl.par(rows, acc.shape[1]):
                 if i < n:
                     T.atomic_add(dst[first + i, head, d], acc[i, d])
 
@@ -353,8 +363,8 @@ def make_store_key_rows(rows: int, add: bool):
 
     @T.macro
     def store(acc, dst, first, n, head):
-        for i, d in T.Parallel(rows, acc.shape[1]):
+        for i, d in dl.par(rows, acc.shape[1]):
             if i < n:
-                dst[first + i, head, d] = acc[i, d]
+                dst[first + i, head, d] = io.store(acc[i, d])
 
     return store

@@ -28,6 +28,7 @@ import operator
 import tilelang.language as T
 
 from .dense import key_range
+from .target import SIMT, Dialect
 from .tiles import ACCUM, LOG2E, make_gather_row_stat, make_gather_rows
 
 INDEX = "int32"
@@ -48,15 +49,15 @@ def make_topk_insert(topk: int):
     thread needs it."""
 
     @T.macro
-    def insert(top_v, top_i, value, block):
+    def insert(top_v, top_i, lane, value, block):
         for s in T.unroll(topk - 1):
             i = topk - 1 - s
-            top_i[i] = T.if_then_else(top_v[i - 1] < value, top_i[i - 1],
-                                      T.if_then_else(top_v[i] < value, block, top_i[i]))
-            top_v[i] = T.if_then_else(top_v[i - 1] < value, top_v[i - 1],
-                                      T.if_then_else(top_v[i] < value, value, top_v[i]))
-        top_i[0] = T.if_then_else(top_v[0] < value, block, top_i[0])
-        top_v[0] = T.if_then_else(top_v[0] < value, value, top_v[0])
+            top_i[lane, i] = T.if_then_else(top_v[lane, i - 1] < value, top_i[lane, i - 1],
+                                            T.if_then_else(top_v[lane, i] < value, block, top_i[lane, i]))
+            top_v[lane, i] = T.if_then_else(top_v[lane, i - 1] < value, top_v[lane, i - 1],
+                                            T.if_then_else(top_v[lane, i] < value, value, top_v[lane, i]))
+        top_i[lane, 0] = T.if_then_else(top_v[lane, 0] < value, block, top_i[lane, 0])
+        top_v[lane, 0] = T.if_then_else(top_v[lane, 0] < value, value, top_v[lane, 0])
 
     return insert
 
@@ -65,23 +66,23 @@ def make_sort_ascending(topk: int):
     """Sort block indices ascending with -1 (empty) last: an unrolled odd-even transposition sort."""
 
     @T.macro
-    def sort_ascending(top_i):
+    def sort_ascending(top_i, lane):
         for rnd in T.unroll(topk):
             for s in T.unroll(topk // 2):
                 i = 2 * s + rnd % 2
                 if i + 1 < topk:
-                    a = top_i[i]
-                    b = top_i[i + 1]
+                    a = top_i[lane, i]
+                    b = top_i[lane, i + 1]
                     # -1 sorts after every block: compare as unsigned
                     if T.Cast("uint32", a) > T.Cast("uint32", b):
-                        top_i[i] = b
-                        top_i[i + 1] = a
+                        top_i[lane, i] = b
+                        top_i[lane, i + 1] = a
 
     return sort_ascending
 
 
 def sel_topk(G: int, D: int, dtype: str, block_size: int, kernel_size: int, stride: int,
-             topk: int, rows: int, keys: int, threads: int):
+             topk: int, rows: int, keys: int, threads: int, dl: Dialect = SIMT):
     """Measured on the H100 (N=65536, Hkv=4, D=128, bf16, 2026-11-22; ms at G = 1 / 4 / 16):
 
     * the key loop is not software-pipelined: a warp-specialised ``T.Pipelined`` took 8.5 / 26.3 /
@@ -113,8 +114,12 @@ def sel_topk(G: int, D: int, dtype: str, block_size: int, kernel_size: int, stri
     weights = window_weights(block_size, kernel_size, stride)
     _, hi = key_range("cmp")
     N, NK, HQ, HKV, NT, B1 = T.dynamic("N, NK, HQ, HKV, NT, B1")
-    gather_q = make_gather_rows(R, D, G)
-    gather_stat = make_gather_row_stat(R, G)
+    io = dl.io(dtype)
+    copy_k = dl.make_copy_rows(BN, D, io)
+    gather_q = make_gather_rows(R, D, G, dl, io)
+    gather_stat = make_gather_row_stat(R, G, dl)
+    bits = dl.set_bits
+    LANES = dl.lanes(BQ)  # per-query state rows: the query threads' registers, or a row per query
     insert = make_topk_insert(topk)
     sort_ascending = make_sort_ascending(topk)
 
@@ -134,8 +139,8 @@ def sel_topk(G: int, D: int, dtype: str, block_size: int, kernel_size: int, stri
 
     @T.prim_func
     def main(
-        Q: T.Tensor((N, HQ, D), dtype),
-        K: T.Tensor((NK, HKV, D), dtype),
+        Q: T.Tensor((N, HQ, D), io.tensor),
+        K: T.Tensor((NK, HKV, D), io.tensor),
         lse2: T.Tensor((N, HQ), ACCUM),
         tiles: T.Tensor((NT, 2), INDEX),
         cu_q: T.Tensor((B1,), INDEX),
@@ -146,26 +151,25 @@ def sel_topk(G: int, D: int, dtype: str, block_size: int, kernel_size: int, stri
         sm_scale: T.float32,
     ):
         with T.Kernel(NT, HKV, threads=threads) as (bt, h):
-            Q_s = T.alloc_shared((R, D), dtype)
-            K_s = T.alloc_shared((BN, D), dtype)
-            row_tok = T.alloc_shared((R,), INDEX)
-            row_lse2 = T.alloc_shared((R,), ACCUM)
-            row_hi = T.alloc_shared((R,), INDEX)  # the row's visible keys end here (0: dead row)
+            Q_s = dl.alloc_tile((R, D), io.tile)
+            K_s = dl.alloc_tile((BN, D), io.tile)
+            row_tok = dl.alloc_tile((R,), INDEX)
+            row_lse2 = dl.alloc_tile((R,), ACCUM)
+            row_hi = dl.alloc_tile((R,), INDEX)  # the row's visible keys end here (0: dead row)
             q0 = T.alloc_var(INDEX)  # per-CTA scalars held in registers, not re-read per use
             k0 = T.alloc_var(INDEX)
             p1 = T.alloc_var(INDEX)
             k_hi = T.alloc_var(INDEX)
-            acc_s = T.alloc_fragment((R, BN), ACCUM)
+            acc_s = dl.alloc_acc((R, BN), ACCUM)
             # +4 columns: the accumulator fragment's rows land on distinct banks when stored
-            P_s = T.alloc_shared((R, BN + 4) if G > 1 else (1, 1), ACCUM)
-            ext = T.alloc_shared((BQ, HALO_A + BN), ACCUM)
-            blk_s = T.alloc_shared((NBT, BQ), ACCUM)
-            top_v = T.alloc_local((topk,), ACCUM)
-            top_i = T.alloc_local((topk,), INDEX)
+            P_s = dl.alloc_tile((R, BN + 4) if G > 1 else (1, 1), ACCUM)
+            ext = dl.alloc_tile((BQ, HALO_A + BN), ACCUM)
+            blk_s = dl.alloc_tile((NBT, BQ), ACCUM)
+            top_v = T.alloc_local((LANES, topk), ACCUM)
+            top_i = T.alloc_local((LANES, topk), INDEX)
             cand = T.alloc_var(INDEX)
             jsel = T.alloc_var(INDEX)
             ncand = T.alloc_var(INDEX)
-            tx = T.get_thread_binding()
 
             seq = tiles[bt, 0]
             p0 = tiles[bt, 1]
@@ -174,61 +178,70 @@ def sel_topk(G: int, D: int, dtype: str, block_size: int, kernel_size: int, stri
                 k0 = cu_k[seq]
                 p1 = T.min(p0 + BQ, cu_q[seq + 1] - q0)
                 k_hi = T.min(hi(p1 - 1, kernel_size, stride), cu_k[seq + 1] - k0)
-                own = (p0 + tx) // block_size
-                for rr in T.Parallel(R):
+                for rr in dl.par(R):
                     row_tok[rr] = T.if_then_else(p0 + rr // G < p1, q0 + p0 + rr // G, -1)
                     row_hi[rr] = T.if_then_else(p0 + rr // G < p1, hi(p0 + rr // G, kernel_size, stride), 0)
                 gather_stat(lse2, h, row_tok, row_lse2)
                 gather_q(Q, h, row_tok, Q_s)
-                for q, e in T.Parallel(BQ, HALO_A + BN):
+                for q, e in dl.par(BQ, HALO_A + BN):
                     ext[q, e] = 0
-                for i in T.unroll(topk):
-                    top_v[i] = -1.0
-                    top_i[i] = -1
+                for lane in T.serial(LANES):
+                    for i in T.unroll(topk):
+                        top_v[lane, i] = -1.0
+                        top_i[lane, i] = -1
                 n_tiles = T.ceildiv(k_hi, BN)
                 for it in T.serial(n_tiles):
                     j0 = it * BN
-                    T.copy(K[k0 + j0:k0 + j0 + BN, h, :], K_s)
+                    copy_k(K, h, k0 + j0, NK, K_s)
                     T.clear(acc_s)
                     T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
                     if G == 1:  # one head: the probabilities are the group sums
-                        for rr, c in T.Parallel(R, BN):
+                        for rr, c in dl.par(R, BN):
                             ext[rr, HALO_A + c] = prob(acc_s, row_hi, row_lse2, rr, c, j0, sm_scale)
                     else:
-                        for rr, c in T.Parallel(R, BN):
+                        for rr, c in dl.par(R, BN):
                             P_s[rr, c] = prob(acc_s, row_hi, row_lse2, rr, c, j0, sm_scale)
-                        for q, c in T.Parallel(BQ, BN):
+                        for q, c in dl.par(BQ, BN):
                             ext[q, HALO_A + c] = group_sum(P_s, q, c)
-                    for jj, q in T.Parallel(NBT, BQ):
+                    for jj, q in dl.par(NBT, BQ):
                         blk_s[jj, q] = block_sum(ext, q, jj)
-                    for q, e in T.Parallel(BQ, HALO_A):
+                    for q, e in dl.par(BQ, HALO_A):
                         ext[q, e] = ext[q, BN + e]
                     T.sync_threads()
-                    if tx < BQ and p0 + tx < p1:
-                        # the tile's candidates: blocks up to the own one that beat the current
-                        # k-th score; only those are inserted, one candidate per round
-                        cand = 0
-                        for jj in T.unroll(NBT):
-                            cand = cand | T.if_then_else(
-                                (j0 // m + jj <= own)
-                                & (block_score(j0 // m + jj, own, blk_s[jj, tx], init_blocks, local_blocks)
-                                   > top_v[topk - 1]),
-                                T.shift_left(1, jj), 0)
-                        ncand = T.call_extern("int32", "__popc", cand)
-                        for _ in T.serial(ncand):
-                            jsel = T.call_extern("int32", "__ffs", cand) - 1
-                            cand = cand & (cand - 1)
-                            insert(top_v, top_i,
-                                   block_score(j0 // m + jsel, own, blk_s[jsel, tx], init_blocks, local_blocks),
-                                   j0 // m + jsel)
+                    for lane in T.serial(LANES):
+                        tx = dl.lane_id(lane)  # the query this lane serves
+                        own = (p0 + tx) // block_size
+                        if tx < BQ and p0 + tx < p1:
+                            # the tile's candidates: blocks up to the own one that beat the current
+                            # k-th score; only those are inserted, one candidate per round
+                            cand = 0
+                            for jj in T.unroll(NBT):
+                                cand = cand | T.if_then_else(
+                                    (j0 // m + jj <= own)
+                                    & (block_score(j0 // m + jj, own, blk_s[jj, tx], init_blocks, local_blocks)
+                                       > top_v[lane, topk - 1]),
+                                    T.shift_left(1, jj), 0)
+                            ncand = bits.rounds(cand, NBT)
+                            for it in T.serial(ncand):
+                                jsel = bits.pick(cand, it)
+                                insert(top_v, top_i, lane,
+                                       T.if_then_else(bits.live(cand, jsel),
+                                                      block_score(j0 // m + jsel, own, blk_s[jsel, tx],
+                                                                  init_blocks, local_blocks),
+                                                      -T.infinity(ACCUM)),
+                                       j0 // m + jsel)
+                                cand = bits.rest(cand)
                     T.sync_threads()
-                if tx < BQ and p0 + tx < p1:
-                    # blocks up to the query's own that no visible compressed token touches: score 0
-                    for x in T.serial(T.max(own + 1 - n_tiles * NBT, 0)):
-                        blk = n_tiles * NBT + x
-                        insert(top_v, top_i, block_score(blk, own, 0.0, init_blocks, local_blocks), blk)
-                    sort_ascending(top_i)
-                    for i in T.unroll(topk):
-                        topk_idx[h, q0 + p0 + tx, i] = top_i[i]
+                for lane in T.serial(LANES):
+                    tx = dl.lane_id(lane)
+                    own = (p0 + tx) // block_size
+                    if tx < BQ and p0 + tx < p1:
+                        # blocks up to the query's own that no visible compressed token touches: score 0
+                        for x in T.serial(T.max(own + 1 - n_tiles * NBT, 0)):
+                            blk = n_tiles * NBT + x
+                            insert(top_v, top_i, lane, block_score(blk, own, 0.0, init_blocks, local_blocks), blk)
+                        sort_ascending(top_i, lane)
+                        for i in T.unroll(topk):
+                            topk_idx[h, q0 + p0 + tx, i] = top_i[lane, i]
 
     return main

@@ -33,6 +33,7 @@ import math
 
 import tilelang.language as T
 
+from .target import SIMT, Dialect
 from .tiles import (ACCUM, LOG2E, make_gather_row_stat, make_gather_rows, make_item_rows,
                     make_load_kv_rows, make_mask_scores, make_online_softmax, make_probs_from_lse,
                     make_scatter_add_rows)
@@ -45,18 +46,19 @@ def _round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
 
-def kv_fwd_stats(G: int, D: int, BS: int, dtype: str, rows: int, threads: int):
+def kv_fwd_stats(G: int, D: int, BS: int, dtype: str, rows: int, threads: int, dl: Dialect = SIMT):
     R, Q_PER_TILE = rows, rows // G
     N, HQ, HKV, NE, NI, HC, TOPK = T.dynamic("N, HQ, HKV, NE, NI, HC, TOPK")
-    load_kv = make_load_kv_rows(BS, D)
-    mask = make_mask_scores(R, BS)
-    item_rows = make_item_rows(R, G)
-    gather_q = make_gather_rows(R, D, G)
+    io = dl.io(dtype)
+    load_kv = make_load_kv_rows(BS, D, dl, io)
+    mask = make_mask_scores(R, BS, dl)
+    item_rows = make_item_rows(R, G, dl)
+    gather_q = make_gather_rows(R, D, G, dl, io)
 
     @T.prim_func
     def main(
-        Q: T.Tensor((N, HQ, D), dtype),
-        K: T.Tensor((N, HKV, D), dtype),
+        Q: T.Tensor((N, HQ, D), io.tensor),
+        K: T.Tensor((N, HKV, D), io.tensor),
         items: T.Tensor((NI, 4), INDEX),
         ent_q: T.Tensor((NE,), INDEX),
         ent_k: T.Tensor((NE,), INDEX),
@@ -65,13 +67,13 @@ def kv_fwd_stats(G: int, D: int, BS: int, dtype: str, rows: int, threads: int):
         sm_scale: T.float32,
     ):
         with T.Kernel(NI, threads=threads) as bx:
-            K_s = T.alloc_shared((BS, D), dtype)
-            Q_s = T.alloc_shared((R, D), dtype)
-            row_tok = T.alloc_shared((R,), INDEX)
-            row_slot = T.alloc_shared((R,), INDEX)
-            acc_s = T.alloc_fragment((R, BS), ACCUM)
-            m = T.alloc_fragment((R,), ACCUM)
-            l = T.alloc_fragment((R,), ACCUM)
+            K_s = dl.alloc_tile((BS, D), io.tile)
+            Q_s = dl.alloc_tile((R, D), io.tile)
+            row_tok = dl.alloc_tile((R,), INDEX)
+            row_slot = dl.alloc_tile((R,), INDEX)
+            acc_s = dl.alloc_acc((R, BS), ACCUM)
+            m = dl.alloc_acc((R,), ACCUM)
+            l = dl.alloc_acc((R,), ACCUM)
 
             h = items[bx, 0]
             kb = items[bx, 1]
@@ -87,10 +89,10 @@ def kv_fwd_stats(G: int, D: int, BS: int, dtype: str, rows: int, threads: int):
                     T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
                     mask(acc_s, row_tok, kb, sm_scale * LOG2E)
                     T.reduce_max(acc_s, m, dim=1, clear=True)
-                    for r, c in T.Parallel(R, BS):
+                    for r, c in dl.par(R, BS):
                         acc_s[r, c] = T.exp2(acc_s[r, c] - m[r])
                     T.reduce_sum(acc_s, l, dim=1)
-                    for r in T.Parallel(R):
+                    for r in dl.par(R):
                         if row_tok[r] >= 0:
                             part_lse[h - h_lo, row_tok[r], row_slot[r], r % G] = (
                                 (m[r] + T.log2(l[r])) * LN2
@@ -100,23 +102,24 @@ def kv_fwd_stats(G: int, D: int, BS: int, dtype: str, rows: int, threads: int):
 
 
 def kv_fwd_accum(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, threads: int,
-                 scatter: str):
+                 scatter: str, dl: Dialect = SIMT):
     R, Q_PER_TILE = rows, rows // G
     N, HQ, HKV, NE, NI, HCG = T.dynamic("N, HQ, HKV, NE, NI, HCG")
-    load_k = make_load_kv_rows(BS, D)
-    load_v = make_load_kv_rows(BS, DV)
-    probs = make_probs_from_lse(R, BS)
-    item_rows = make_item_rows(R, G)
-    gather_q = make_gather_rows(R, D, G)
-    gather_stat = make_gather_row_stat(R, G)
-    scatter_o, o_stage_shape = make_scatter_add_rows(R, DV, G, scatter)
+    io = dl.io(dtype)
+    load_k = make_load_kv_rows(BS, D, dl, io)
+    load_v = make_load_kv_rows(BS, DV, dl, io)
+    probs = make_probs_from_lse(R, BS, dl)
+    item_rows = make_item_rows(R, G, dl)
+    gather_q = make_gather_rows(R, D, G, dl, io)
+    gather_stat = make_gather_row_stat(R, G, dl)
+    scatter_o, o_stage_shape = make_scatter_add_rows(R, DV, G, scatter, dl)
     o_stage_shape = o_stage_shape or (1,)
 
     @T.prim_func
     def main(
-        Q: T.Tensor((N, HQ, D), dtype),
-        K: T.Tensor((N, HKV, D), dtype),
-        V: T.Tensor((N, HKV, DV), dtype),
+        Q: T.Tensor((N, HQ, D), io.tensor),
+        K: T.Tensor((N, HKV, D), io.tensor),
+        V: T.Tensor((N, HKV, DV), io.tensor),
         items: T.Tensor((NI, 4), INDEX),
         ent_q: T.Tensor((NE,), INDEX),
         lse2: T.Tensor((N, HQ), ACCUM),
@@ -125,15 +128,15 @@ def kv_fwd_accum(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, thread
         sm_scale: T.float32,
     ):
         with T.Kernel(NI, threads=threads) as bx:
-            K_s = T.alloc_shared((BS, D), dtype)
-            V_s = T.alloc_shared((BS, DV), dtype)
-            Q_s = T.alloc_shared((R, D), dtype)
-            row_tok = T.alloc_shared((R,), INDEX)
-            row_lse2 = T.alloc_shared((R,), ACCUM)
-            acc_s = T.alloc_fragment((R, BS), ACCUM)
-            p_cast = T.alloc_fragment((R, BS), dtype)
-            acc_o = T.alloc_fragment((R, DV), ACCUM)
-            o_stage = T.alloc_shared(o_stage_shape, ACCUM)
+            K_s = dl.alloc_tile((BS, D), io.tile)
+            V_s = dl.alloc_tile((BS, DV), io.tile)
+            Q_s = dl.alloc_tile((R, D), io.tile)
+            row_tok = dl.alloc_tile((R,), INDEX)
+            row_lse2 = dl.alloc_tile((R,), ACCUM)
+            acc_s = dl.alloc_acc((R, BS), ACCUM)
+            p_cast = dl.alloc_acc((R, BS), io.tile)
+            acc_o = dl.alloc_acc((R, DV), ACCUM)
+            o_stage = dl.alloc_tile(o_stage_shape, ACCUM)
 
             h = items[bx, 0]
             kb = items[bx, 1]
@@ -158,25 +161,26 @@ def kv_fwd_accum(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, thread
 
 
 def kv_bwd(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, threads: int,
-           with_dq: bool, scatter: str):
+           with_dq: bool, scatter: str, dl: Dialect = SIMT):
     R, Q_PER_TILE = rows, rows // G
     N, HQ, HKV, NE, NI, HCG, NDQ = T.dynamic("N, HQ, HKV, NE, NI, HCG, NDQ")
-    load_k = make_load_kv_rows(BS, D)
-    load_v = make_load_kv_rows(BS, DV)
-    probs = make_probs_from_lse(R, BS)
-    item_rows = make_item_rows(R, G)
-    gather_q = make_gather_rows(R, D, G)
-    gather_do = make_gather_rows(R, DV, G)
-    gather_stat = make_gather_row_stat(R, G)
-    scatter_dq, dq_stage_shape = make_scatter_add_rows(R, D, G, scatter)
+    io = dl.io(dtype)
+    load_k = make_load_kv_rows(BS, D, dl, io)
+    load_v = make_load_kv_rows(BS, DV, dl, io)
+    probs = make_probs_from_lse(R, BS, dl)
+    item_rows = make_item_rows(R, G, dl)
+    gather_q = make_gather_rows(R, D, G, dl, io)
+    gather_do = make_gather_rows(R, DV, G, dl, io)
+    gather_stat = make_gather_row_stat(R, G, dl)
+    scatter_dq, dq_stage_shape = make_scatter_add_rows(R, D, G, scatter, dl)
     dq_stage_shape = dq_stage_shape if with_dq and dq_stage_shape else (1,)
 
     @T.prim_func
     def main(
-        Q: T.Tensor((N, HQ, D), dtype),
-        K: T.Tensor((N, HKV, D), dtype),
-        V: T.Tensor((N, HKV, DV), dtype),
-        dO: T.Tensor((N, HQ, DV), dtype),
+        Q: T.Tensor((N, HQ, D), io.tensor),
+        K: T.Tensor((N, HKV, D), io.tensor),
+        V: T.Tensor((N, HKV, DV), io.tensor),
+        dO: T.Tensor((N, HQ, DV), io.tensor),
         items: T.Tensor((NI, 4), INDEX),
         ent_q: T.Tensor((NE,), INDEX),
         lse2: T.Tensor((N, HQ), ACCUM),
@@ -188,21 +192,21 @@ def kv_bwd(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, threads: int
         sm_scale: T.float32,
     ):
         with T.Kernel(NI, threads=threads) as bx:
-            K_s = T.alloc_shared((BS, D), dtype)
-            V_s = T.alloc_shared((BS, DV), dtype)
-            Q_s = T.alloc_shared((R, D), dtype)
-            dO_s = T.alloc_shared((R, DV), dtype)
-            P_s = T.alloc_shared((R, BS), dtype)
-            dS_s = T.alloc_shared((R, BS), dtype)
-            row_tok = T.alloc_shared((R,), INDEX)
-            row_lse2 = T.alloc_shared((R,), ACCUM)
-            row_delta = T.alloc_shared((R,), ACCUM)
-            acc_s = T.alloc_fragment((R, BS), ACCUM)
-            acc_dp = T.alloc_fragment((R, BS), ACCUM)
-            acc_dk = T.alloc_fragment((BS, D), ACCUM)
-            acc_dv = T.alloc_fragment((BS, DV), ACCUM)
-            acc_dq = T.alloc_fragment((R, D), ACCUM)
-            dq_stage = T.alloc_shared(dq_stage_shape, ACCUM)
+            K_s = dl.alloc_tile((BS, D), io.tile)
+            V_s = dl.alloc_tile((BS, DV), io.tile)
+            Q_s = dl.alloc_tile((R, D), io.tile)
+            dO_s = dl.alloc_tile((R, DV), io.tile)
+            P_s = dl.alloc_tile((R, BS), io.tile)
+            dS_s = dl.alloc_tile((R, BS), io.tile)
+            row_tok = dl.alloc_tile((R,), INDEX)
+            row_lse2 = dl.alloc_tile((R,), ACCUM)
+            row_delta = dl.alloc_tile((R,), ACCUM)
+            acc_s = dl.alloc_acc((R, BS), ACCUM)
+            acc_dp = dl.alloc_acc((R, BS), ACCUM)
+            acc_dk = dl.alloc_acc((BS, D), ACCUM)
+            acc_dv = dl.alloc_acc((BS, DV), ACCUM)
+            acc_dq = dl.alloc_acc((R, D), ACCUM)
+            dq_stage = dl.alloc_tile(dq_stage_shape, ACCUM)
 
             h = items[bx, 0]
             kb = items[bx, 1]
@@ -225,7 +229,7 @@ def kv_bwd(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, threads: int
                     T.clear(acc_dp)
                     T.gemm(dO_s, V_s, acc_dp, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
                     T.copy(acc_s, P_s)
-                    for r, c in T.Parallel(R, BS):
+                    for r, c in dl.par(R, BS):
                         acc_dp[r, c] = acc_s[r, c] * (acc_dp[r, c] - row_delta[r]) * sm_scale
                     T.copy(acc_dp, dS_s)
                     T.gemm(P_s, dO_s, acc_dv, transpose_A=True, policy=T.GemmWarpPolicy.FullRow)
@@ -234,10 +238,10 @@ def kv_bwd(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, threads: int
                         T.clear(acc_dq)
                         T.gemm(dS_s, K_s, acc_dq, policy=T.GemmWarpPolicy.FullRow)
                         scatter_dq(acc_dq, dq_acc, (h - h_lo) * G, row_tok, dq_stage)
-                for i, d in T.Parallel(BS, D):
+                for i, d in dl.par(BS, D):
                     if kb + i < N:
                         T.atomic_add(dk_acc[kb + i, h, d], acc_dk[i, d])
-                for i, d in T.Parallel(BS, DV):
+                for i, d in dl.par(BS, DV):
                     if kb + i < N:
                         T.atomic_add(dv_acc[kb + i, h, d], acc_dv[i, d])
 
@@ -245,42 +249,43 @@ def kv_bwd(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, threads: int
 
 
 def q_fwd(G: int, D: int, DV: int, BS: int, dtype: str, threads: int, num_stages: int,
-          bulk_copy: bool):
+          bulk_copy: bool, dl: Dialect = SIMT):
     R = _round_up(G, 16)
     N, HQ, HKV, TOPK = T.dynamic("N, HQ, HKV, TOPK")
-    load_k = make_load_kv_rows(BS, D, bulk_copy)
-    load_v = make_load_kv_rows(BS, DV, bulk_copy)
-    mask = make_mask_scores(R, BS)
-    gather_q = make_gather_rows(R, D, G)
-    online_softmax = make_online_softmax(R, BS, DV)
+    io = dl.io(dtype)
+    load_k = make_load_kv_rows(BS, D, dl, io, bulk_copy)
+    load_v = make_load_kv_rows(BS, DV, dl, io, bulk_copy)
+    mask = make_mask_scores(R, BS, dl)
+    gather_q = make_gather_rows(R, D, G, dl, io)
+    online_softmax = make_online_softmax(R, BS, DV, dl)
 
     @T.prim_func
     def main(
-        Q: T.Tensor((N, HQ, D), dtype),
-        K: T.Tensor((N, HKV, D), dtype),
-        V: T.Tensor((N, HKV, DV), dtype),
+        Q: T.Tensor((N, HQ, D), io.tensor),
+        K: T.Tensor((N, HKV, D), io.tensor),
+        V: T.Tensor((N, HKV, DV), io.tensor),
         topk_idx: T.Tensor((HKV, N, TOPK), INDEX),
         tok_start: T.Tensor((N,), INDEX),
-        O: T.Tensor((N, HQ, DV), dtype),
+        O: T.Tensor((N, HQ, DV), io.tensor),
         lse: T.Tensor((N, HQ), ACCUM),
         sm_scale: T.float32,
     ):
         with T.Kernel(N, HKV, threads=threads) as (t, h):
-            Q_s = T.alloc_shared((R, D), dtype)
-            K_s = T.alloc_shared((BS, D), dtype)
-            V_s = T.alloc_shared((BS, DV), dtype)
-            row_tok = T.alloc_shared((R,), INDEX)
-            acc_s = T.alloc_fragment((R, BS), ACCUM)
-            P_s = T.alloc_shared((R, BS), dtype)
-            acc_o = T.alloc_fragment((R, DV), ACCUM)
-            m = T.alloc_fragment((R,), ACCUM)
-            m_prev = T.alloc_fragment((R,), ACCUM)
-            rescale = T.alloc_fragment((R,), ACCUM)
-            l = T.alloc_fragment((R,), ACCUM)
-            l_tile = T.alloc_fragment((R,), ACCUM)
+            Q_s = dl.alloc_tile((R, D), io.tile)
+            K_s = dl.alloc_tile((BS, D), io.tile)
+            V_s = dl.alloc_tile((BS, DV), io.tile)
+            row_tok = dl.alloc_tile((R,), INDEX)
+            acc_s = dl.alloc_acc((R, BS), ACCUM)
+            P_s = dl.alloc_tile((R, BS), io.tile)
+            acc_o = dl.alloc_acc((R, DV), ACCUM)
+            m = dl.alloc_acc((R,), ACCUM)
+            m_prev = dl.alloc_acc((R,), ACCUM)
+            rescale = dl.alloc_acc((R,), ACCUM)
+            l = dl.alloc_acc((R,), ACCUM)
+            l_tile = dl.alloc_acc((R,), ACCUM)
 
             start = tok_start[t]
-            for r in T.Parallel(R):
+            for r in dl.par(R):
                 row_tok[r] = T.if_then_else(r < G, t, -1)
             gather_q(Q, h, row_tok, Q_s)
             T.clear(acc_o)
@@ -296,10 +301,10 @@ def q_fwd(G: int, D: int, DV: int, BS: int, dtype: str, threads: int, num_stages
                     mask(acc_s, row_tok, kb, sm_scale * LOG2E)
                     online_softmax(acc_s, m, m_prev, rescale, l, l_tile, acc_o, P_s)
                     T.gemm(P_s, V_s, acc_o, policy=T.GemmWarpPolicy.FullCol)
-            for r, d in T.Parallel(R, DV):
+            for r, d in dl.par(R, DV):
                 if r < G:
-                    O[t, h * G + r, d] = T.if_then_else(l[r] > 0, acc_o[r, d] / l[r], 0)
-            for r in T.Parallel(R):
+                    O[t, h * G + r, d] = io.store(T.if_then_else(l[r] > 0, acc_o[r, d] / l[r], 0))
+            for r in dl.par(R):
                 if r < G:
                     lse[t, h * G + r] = T.if_then_else(
                         l[r] > 0, (m[r] + T.log2(l[r])) * LN2, -T.infinity(ACCUM)
@@ -309,44 +314,45 @@ def q_fwd(G: int, D: int, DV: int, BS: int, dtype: str, threads: int, num_stages
 
 
 def q_bwd_dq(G: int, D: int, DV: int, BS: int, dtype: str, threads: int, num_stages: int,
-             bulk_copy: bool):
+             bulk_copy: bool, dl: Dialect = SIMT):
     R = _round_up(G, 16)
     N, HQ, HKV, TOPK = T.dynamic("N, HQ, HKV, TOPK")
-    load_k = make_load_kv_rows(BS, D, bulk_copy)
-    load_v = make_load_kv_rows(BS, DV, bulk_copy)
-    probs = make_probs_from_lse(R, BS)
-    gather_q = make_gather_rows(R, D, G)
-    gather_do = make_gather_rows(R, DV, G)
-    gather_stat = make_gather_row_stat(R, G)
+    io = dl.io(dtype)
+    load_k = make_load_kv_rows(BS, D, dl, io, bulk_copy)
+    load_v = make_load_kv_rows(BS, DV, dl, io, bulk_copy)
+    probs = make_probs_from_lse(R, BS, dl)
+    gather_q = make_gather_rows(R, D, G, dl, io)
+    gather_do = make_gather_rows(R, DV, G, dl, io)
+    gather_stat = make_gather_row_stat(R, G, dl)
 
     @T.prim_func
     def main(
-        Q: T.Tensor((N, HQ, D), dtype),
-        K: T.Tensor((N, HKV, D), dtype),
-        V: T.Tensor((N, HKV, DV), dtype),
-        dO: T.Tensor((N, HQ, DV), dtype),
+        Q: T.Tensor((N, HQ, D), io.tensor),
+        K: T.Tensor((N, HKV, D), io.tensor),
+        V: T.Tensor((N, HKV, DV), io.tensor),
+        dO: T.Tensor((N, HQ, DV), io.tensor),
         topk_idx: T.Tensor((HKV, N, TOPK), INDEX),
         tok_start: T.Tensor((N,), INDEX),
         lse2: T.Tensor((N, HQ), ACCUM),
         delta: T.Tensor((N, HQ), ACCUM),
-        dQ: T.Tensor((N, HQ, D), dtype),
+        dQ: T.Tensor((N, HQ, D), io.tensor),
         sm_scale: T.float32,
     ):
         with T.Kernel(N, HKV, threads=threads) as (t, h):
-            Q_s = T.alloc_shared((R, D), dtype)
-            dO_s = T.alloc_shared((R, DV), dtype)
-            K_s = T.alloc_shared((BS, D), dtype)
-            V_s = T.alloc_shared((BS, DV), dtype)
-            dS_s = T.alloc_shared((R, BS), dtype)
-            row_tok = T.alloc_shared((R,), INDEX)
-            row_lse2 = T.alloc_shared((R,), ACCUM)
-            row_delta = T.alloc_shared((R,), ACCUM)
-            acc_s = T.alloc_fragment((R, BS), ACCUM)
-            acc_dp = T.alloc_fragment((R, BS), ACCUM)
-            acc_dq = T.alloc_fragment((R, D), ACCUM)
+            Q_s = dl.alloc_tile((R, D), io.tile)
+            dO_s = dl.alloc_tile((R, DV), io.tile)
+            K_s = dl.alloc_tile((BS, D), io.tile)
+            V_s = dl.alloc_tile((BS, DV), io.tile)
+            dS_s = dl.alloc_tile((R, BS), io.tile)
+            row_tok = dl.alloc_tile((R,), INDEX)
+            row_lse2 = dl.alloc_tile((R,), ACCUM)
+            row_delta = dl.alloc_tile((R,), ACCUM)
+            acc_s = dl.alloc_acc((R, BS), ACCUM)
+            acc_dp = dl.alloc_acc((R, BS), ACCUM)
+            acc_dq = dl.alloc_acc((R, D), ACCUM)
 
             start = tok_start[t]
-            for r in T.Parallel(R):
+            for r in dl.par(R):
                 row_tok[r] = T.if_then_else(r < G, t, -1)
             gather_stat(lse2, h, row_tok, row_lse2)
             gather_stat(delta, h, row_tok, row_delta)
@@ -363,40 +369,42 @@ def q_bwd_dq(G: int, D: int, DV: int, BS: int, dtype: str, threads: int, num_sta
                     probs(acc_s, row_tok, row_lse2, kb, sm_scale * LOG2E)
                     T.clear(acc_dp)
                     T.gemm(dO_s, V_s, acc_dp, transpose_B=True, policy=T.GemmWarpPolicy.FullCol)
-                    for r, c in T.Parallel(R, BS):
+                    for r, c in dl.par(R, BS):
                         acc_dp[r, c] = acc_s[r, c] * (acc_dp[r, c] - row_delta[r]) * sm_scale
                     T.copy(acc_dp, dS_s)
                     T.gemm(dS_s, K_s, acc_dq, policy=T.GemmWarpPolicy.FullCol)
-            for r, d in T.Parallel(R, D):
+            for r, d in dl.par(R, D):
                 if r < G:
-                    dQ[t, h * G + r, d] = acc_dq[r, d]
+                    dQ[t, h * G + r, d] = io.store(acc_dq[r, d])
 
     return main
 
 
-def row_dot(DV: int, dtype: str, threads: int):
+def row_dot(DV: int, dtype: str, threads: int, dl: Dialect = SIMT):
     """delta[t, h] = sum_d dO[t, h, d] * O[t, h, d] in float32, 64 (token, head) rows per CTA."""
     ROWS = 64
     N, HQ = T.dynamic("N, HQ")
+    io = dl.io(dtype)
 
     @T.prim_func
     def main(
-        dO: T.Tensor((N, HQ, DV), dtype),
-        O: T.Tensor((N, HQ, DV), dtype),
+        dO: T.Tensor((N, HQ, DV), io.tensor),
+        O: T.Tensor((N, HQ, DV), io.tensor),
         delta: T.Tensor((N, HQ), ACCUM),
     ):
         with T.Kernel(T.ceildiv(N * HQ, ROWS), threads=threads) as bx:
-            prod = T.alloc_fragment((ROWS, DV), ACCUM)
-            acc = T.alloc_fragment((ROWS,), ACCUM)
-            for r, d in T.Parallel(ROWS, DV):
+            prod = dl.alloc_acc((ROWS, DV), ACCUM)
+            acc = dl.alloc_acc((ROWS,), ACCUM)
+            for r, d in dl.par(ROWS, DV):
                 row = bx * ROWS + r
                 prod[r, d] = T.if_then_else(
                     row < N * HQ,
-                    T.cast(dO[row // HQ, row % HQ, d], ACCUM) * T.cast(O[row // HQ, row % HQ, d], ACCUM),
+                    T.cast(io.load(dO[row // HQ, row % HQ, d]), ACCUM)
+                    * T.cast(io.load(O[row // HQ, row % HQ, d]), ACCUM),
                     0,
                 )
             T.reduce_sum(prod, acc, dim=1)
-            for r in T.Parallel(ROWS):
+            for r in dl.par(ROWS):
                 if bx * ROWS + r < N * HQ:
                     delta[(bx * ROWS + r) // HQ, (bx * ROWS + r) % HQ] = acc[r]
 

@@ -10,6 +10,9 @@ Conventions shared by all programs:
 * scores live in the log2 domain: ``s2 = (q . k) * scale * log2(e)``, probabilities are ``exp2``,
   and every log-sum-exp passed between kernels (``lse2``) is in log2 units. The public ops convert
   to natural log at the boundary.
+* the target's dialect (``target.py``) spells allocations, element-wise loops and 16-bit
+  tensor access: each factory takes it (``dl``) and, where it reads or writes q/k/v-typed
+  tensors, the ``IO`` of their dtype (``io``).
 * a key at packed token index ``kg`` is visible to a query at packed token index ``qt`` iff
   ``kg <= qt``. Selected blocks always start inside the query's own sequence (the glue drops blocks
   past the query's own), so this single comparison is the causal mask *and* the sequence boundary.
@@ -18,39 +21,25 @@ from __future__ import annotations
 
 import tilelang.language as T
 
+from .target import IO, Dialect
+
 LOG2E = 1.4426950408889634
 ACCUM = "float32"
 
 
-def make_load_kv_rows(rows: int, dim: int, bulk: bool = False):
-    """Copy ``rows`` consecutive token rows of one kv head into shared memory, zero past ``n_tok``.
-
-    ``bulk`` uses TileLang's tile copy (cp.async / TMA, which a pipelined loop can overlap with
-    compute; TileLang predicates the rows past the tensor's end); otherwise each thread loads
-    guarded elements itself.
-    """
-    if bulk:
-
-        @T.macro
-        def load_kv_rows(src, head, first_tok, n_tok, dst):
-            T.copy(src[first_tok:first_tok + rows, head, :], dst)
-
-        return load_kv_rows
-
-    @T.macro
-    def load_kv_rows(src, head, first_tok, n_tok, dst):
-        for i, d in T.Parallel(rows, dim):
-            dst[i, d] = T.if_then_else(first_tok + i < n_tok, src[first_tok + i, head, d], 0)
-
-    return load_kv_rows
+def make_load_kv_rows(rows: int, dim: int, dl: Dialect, io: IO, bulk: bool = False):
+    """``load_kv_rows(src, head, first_tok, n_tok, dst)``: ``rows`` consecutive token rows of one
+    kv head into shared memory, zero past ``n_tok``; ``bulk``: by TileLang's tile copy on a GPU
+    (``Dialect.make_copy_rows``), else each thread loads guarded elements itself."""
+    return dl.make_copy_rows(rows, dim, io, bulk)
 
 
-def make_mask_scores(rows: int, cols: int):
+def make_mask_scores(rows: int, cols: int, dl: Dialect):
     """Scale raw scores to the log2 domain and mask keys a row may not see (and dead rows)."""
 
     @T.macro
     def mask_scores(acc_s, row_tok, first_key_tok, scale_log2):
-        for r, c in T.Parallel(rows, cols):
+        for r, c in dl.par(rows, cols):
             acc_s[r, c] = T.if_then_else(
                 first_key_tok + c <= row_tok[r], acc_s[r, c] * scale_log2, -T.infinity(ACCUM)
             )
@@ -58,12 +47,12 @@ def make_mask_scores(rows: int, cols: int):
     return mask_scores
 
 
-def make_probs_from_lse(rows: int, cols: int):
+def make_probs_from_lse(rows: int, cols: int, dl: Dialect):
     """P = exp2(s2 - lse2) for visible keys, 0 elsewhere: the exact softmax once lse is known."""
 
     @T.macro
     def probs_from_lse(acc_s, row_tok, row_lse2, first_key_tok, scale_log2):
-        for r, c in T.Parallel(rows, cols):
+        for r, c in dl.par(rows, cols):
             acc_s[r, c] = T.if_then_else(
                 first_key_tok + c <= row_tok[r],
                 T.exp2(acc_s[r, c] * scale_log2 - row_lse2[r]),
@@ -73,7 +62,7 @@ def make_probs_from_lse(rows: int, cols: int):
     return probs_from_lse
 
 
-def make_gather_rows(rows: int, dim: int, group: int):
+def make_gather_rows(rows: int, dim: int, group: int, dl: Dialect, io: IO):
     """Gather a (query, head) row tile: row r reads token ``row_tok[r]``, query head
     ``kv_head * group + r % group``; dead rows (``row_tok[r] < 0``) are zero.
 
@@ -83,39 +72,39 @@ def make_gather_rows(rows: int, dim: int, group: int):
 
     @T.macro
     def gather_rows(src, kv_head, row_tok, dst):
-        for r, d in T.Parallel(rows, dim):
+        for r, d in dl.par(rows, dim):
             dst[r, d] = T.if_then_else(
-                row_tok[r] >= 0, src[row_tok[r], kv_head * group + r % group, d], 0
+                row_tok[r] >= 0, io.load(src[row_tok[r], kv_head * group + r % group, d]), 0
             )
 
     return gather_rows
 
 
-def make_gather_row_stat(rows: int, group: int):
+def make_gather_row_stat(rows: int, group: int, dl: Dialect):
     """Per-row statistic (lse2, delta) of a row tile, laid out like ``make_gather_rows``."""
 
     @T.macro
     def gather_row_stat(src, kv_head, row_tok, dst):
-        for r in T.Parallel(rows):
+        for r in dl.par(rows):
             dst[r] = T.if_then_else(row_tok[r] >= 0, src[row_tok[r], kv_head * group + r % group], 0)
 
     return gather_row_stat
 
 
-def make_item_rows(rows: int, group: int):
+def make_item_rows(rows: int, group: int, dl: Dialect):
     """Token of each row of tile ``tile`` of a work item's entry range [e0, e1); -1 past the end."""
     per_tile = rows // group
 
     @T.macro
     def item_rows(ent_q, e0, e1, tile, row_tok):
-        for r in T.Parallel(rows):
+        for r in dl.par(rows):
             e = e0 + tile * per_tile + r // group
             row_tok[r] = T.if_then_else(e < e1, ent_q[e], -1)
 
     return item_rows
 
 
-def make_online_softmax(rows: int, cols: int, dim: int):
+def make_online_softmax(rows: int, cols: int, dim: int, dl: Dialect):
     """One key tile of an online softmax: ``acc_s`` holds masked log2-domain scores (``-inf``
     where not visible); updates the running max ``m``, sum ``l`` and output ``acc_o`` (rescaled),
     leaving the tile's probabilities in ``p_s`` (input dtype, shared) for the caller's ``P @ V``.
@@ -125,14 +114,14 @@ def make_online_softmax(rows: int, cols: int, dim: int):
     def online_softmax(acc_s, m, m_prev, rescale, l, l_tile, acc_o, p_s):
         T.copy(m, m_prev)
         T.reduce_max(acc_s, m, dim=1, clear=False)
-        for r in T.Parallel(rows):
+        for r in dl.par(rows):
             rescale[r] = T.if_then_else(m[r] == -T.infinity(ACCUM), 1, T.exp2(m_prev[r] - m[r]))
-        for r, c in T.Parallel(rows, cols):
+        for r, c in dl.par(rows, cols):
             acc_s[r, c] = T.exp2(acc_s[r, c] - m[r])
         T.reduce_sum(acc_s, l_tile, dim=1)
-        for r in T.Parallel(rows):
+        for r in dl.par(rows):
             l[r] = l[r] * rescale[r] + l_tile[r]
-        for r, d in T.Parallel(rows, dim):
+        for r, d in dl.par(rows, dim):
             acc_o[r, d] *= rescale[r]
         T.copy(acc_s, p_s)
 
@@ -142,7 +131,7 @@ def make_online_softmax(rows: int, cols: int, dim: int):
 SCATTER_MODES = ("x2", "x4", "tma")
 
 
-def make_scatter_add_rows(rows: int, dim: int, group: int, mode: str):
+def make_scatter_add_rows(rows: int, dim: int, group: int, mode: str, dl: Dialect):
     """Add a float32 (query, head) row tile into ``dst[row_tok[r], head0 + r % group, :]``.
 
     Returns ``(macro, staging_shape)``; the caller allocates a float32 shared buffer of
@@ -158,7 +147,7 @@ def make_scatter_add_rows(rows: int, dim: int, group: int, mode: str):
 
         @T.macro
         def scatter_add(acc, dst, head0, row_tok, stage):
-            for r, d in T.Parallel(rows, dim):
+            for r, d in dl.par(rows, dim):
                 if row_tok[r] >= 0:
                     T.atomic_add(dst[row_tok[r], head0 + r % group, d], acc[r, d])
 
@@ -168,7 +157,7 @@ def make_scatter_add_rows(rows: int, dim: int, group: int, mode: str):
         @T.macro
         def scatter_add(acc, dst, head0, row_tok, stage):
             T.copy(acc, stage)
-            for r, d in T.Parallel(rows, dim):
+            for r, d in dl.par(rows, dim):
                 if row_tok[r] >= 0:
                     T.atomic_add(dst[row_tok[r], head0 + r % group, d], stage[r, d])
 
@@ -177,7 +166,7 @@ def make_scatter_add_rows(rows: int, dim: int, group: int, mode: str):
 
         @T.macro
         def scatter_add(acc, dst, head0, row_tok, stage):
-            for r, d in T.Parallel(rows, dim):
+            for r, d in dl.par(rows, dim):
                 stage[r // group, r % group, d] = acc[r, d]
             for qi in T.serial(per_tile):
                 if row_tok[qi * group] >= 0:

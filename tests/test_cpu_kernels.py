@@ -1,0 +1,173 @@
+"""Every kernel family's own math on the CPU: the public ops on CPU tensors run the generated
+programs through the ``cpu`` schedule (schedules/cpu.toml, TileLang's C backend), and the
+results are compared with the float64 references, as tests/gpu does on the H100.
+
+Tiny shapes (N < 256, D = 32) keep it fast; most of the time is compiling. The artifacts are
+built once per session in a process pool (one compile per core) into the user cache, where the
+ops then find them (a second run compiles nothing). Outputs are NaN-poisoned (FSAGEN_POISON=1).
+The comparison helpers are tests/gpu's, which take any device.
+"""
+import concurrent.futures
+import os
+import time
+
+import pytest
+import torch
+
+import fsagen
+from fsagen.reference_cmp import cmp_attention_reference, select_blocks_reference
+from fsagen.reference_nsa import swa_reference
+from fsagen.schedule import load_schedule
+from fsagen.spec import KernelSpec
+from fsagen.testing import random_cu_seqlens, random_topk_idx
+from gpu.test_dense_gpu import _clear_rows, _compare, _cu_cmp, _ref_grads, _reference_block_scores, _run
+from gpu.test_slc_gpu import _reference
+
+HKV, G, D = 2, 2, 32
+KS, STRIDE, SEL_BS, SEL_TOPK = 32, 16, 32, 4
+SLC_BS, SLC_TOPK = 32, 4
+BF16, FP16 = torch.bfloat16, torch.float16
+DTYPE_NAMES = {BF16: "bfloat16", FP16: "float16"}
+
+
+def _spec(branch, phase, dtype, **fields):
+    values = dict(block_size=0, topk=0)
+    values.update(fields)
+    return KernelSpec(branch=branch, phase=phase, G=G, D=D, dtype=DTYPE_NAMES[dtype], **values)
+
+
+# (spec, forced loop order or None) of every kernel the tests below run
+KERNELS = [
+    *[(_spec(branch, phase, dtype), None) for branch, dtype in (("swa", BF16), ("cmp", BF16), ("swa", FP16))
+      for phase in ("fwd", "bwd")],
+    (_spec("sel", "fwd", BF16, block_size=SEL_BS, topk=SEL_TOPK, kernel_size=KS, stride=STRIDE), None),
+    *[(_spec("slc", phase, BF16, block_size=SLC_BS, topk=SLC_TOPK), order)
+      for order in ("kv_outer", "q_outer") for phase in ("fwd", "bwd")],
+]
+
+
+def _build(case):
+    from fsagen.cache import ensure_artifact
+
+    spec, order = case
+    ensure_artifact(spec, load_schedule("cpu").plan(spec, loop_order=order), "cpu")
+
+
+@pytest.fixture(scope="session")
+def cpu_artifacts():
+    """Compile every kernel of this module for the cpu schedule, in parallel, once."""
+    jobs = min(len(KERNELS), os.cpu_count() or 1)
+    with concurrent.futures.ProcessPoolExecutor(jobs) as pool:
+        list(pool.map(_build, KERNELS))
+
+
+@pytest.fixture(autouse=True)
+def _setup(cpu_artifacts, monkeypatch):
+    monkeypatch.setenv("FSAGEN_POISON", "1")
+
+
+def _gen():
+    return torch.Generator().manual_seed(time.time_ns() % 2**31)
+
+
+def _layout():
+    # a sequence shorter than a window, ones at and past block / tile boundaries
+    return torch.tensor([0, 1, 32, 65, 135, 235], dtype=torch.int32)
+
+
+def _randn(gen, *shape, dtype, scale=1.0):
+    return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("window", [1, 20])
+@pytest.mark.parametrize("dtype", [BF16, FP16], ids=["bf16", "fp16"])
+def test_sliding_window_attention_on_cpu(dtype, window):
+    gen, cu = _gen(), _layout()
+    n = int(cu[-1])
+    q, k, v, do = (_randn(gen, n, h, D, dtype=dtype) for h in (HKV * G, HKV, HKV, HKV * G))
+    o, lse, grads = _run(lambda a, b, c: fsagen.sliding_window_attention(a, b, c, cu, window, return_lse=True),
+                         q, k, v, do)
+    assert o.device.type == "cpu"
+    ro, rl, rgrads = _ref_grads(lambda a, b, c: swa_reference(a, b, c, cu, window), q, k, v, do)
+    _compare(o, lse, grads, ro, rl, rgrads, dtype, f"window={window} {dtype} N={n}", "swa-cpu")
+
+
+def test_compressed_attention_on_cpu():
+    gen, cu = _gen(), _layout()
+    cuc = _cu_cmp(cu, KS, STRIDE)
+    n, nc = int(cu[-1]), int(cuc[-1])
+    q, do = (_randn(gen, n, HKV * G, D, dtype=BF16) for _ in range(2))
+    k, v = (_randn(gen, nc, HKV, D, dtype=BF16) for _ in range(2))
+    o, lse, grads = _run(lambda a, b, c: fsagen.compressed_attention(a, b, c, cu, cuc, KS, STRIDE, return_lse=True),
+                         q, k, v, do)
+    ro, rl, rgrads = _ref_grads(lambda a, b, c: cmp_attention_reference(a, b, c, cu, cuc, KS, STRIDE), q, k, v, do)
+    _compare(o, lse, grads, ro, rl, rgrads, BF16, f"N={n} Nc={nc}", "cmp-cpu")
+
+
+def test_select_blocks_on_cpu():
+    """Exact on every row whose reference scores separate the chosen blocks clearly."""
+    gen, cu = _gen(), _layout()
+    cuc = _cu_cmp(cu, KS, STRIDE)
+    n, nc = int(cu[-1]), int(cuc[-1])
+    q = _randn(gen, n, HKV * G, D, dtype=BF16, scale=2.0)
+    k, v = (_randn(gen, nc, HKV, D, dtype=BF16) for _ in range(2))
+    init, local = 1, 2
+    _, lse = fsagen.compressed_attention(q, k, v, cu, cuc, KS, STRIDE, return_lse=True)
+    got = fsagen.select_blocks(q, k, lse, cu, cuc, KS, STRIDE, SEL_BS, SEL_TOPK, init, local)
+    _, _, p = cmp_attention_reference(q, k, v, cu, cuc, KS, STRIDE)
+    ref = select_blocks_reference(p, cu, HKV, KS, STRIDE, SEL_BS, SEL_TOPK, init, local)
+    assert got.dtype == torch.int32 and got.shape == ref.shape
+    clear = _clear_rows(_reference_block_scores(p, cu, KS, STRIDE, SEL_BS), cu, SEL_BS, SEL_TOPK, init, local, 1e-3)
+    assert clear.float().mean() > 0.5, "too few rows with a clear margin to check anything"
+    same = (got == ref).all(-1)
+    assert (same | ~clear).all(), f"{int((clear & ~same).sum())} clear rows differ from the reference"
+
+
+@pytest.mark.parametrize("loop_order", ["kv_outer", "q_outer"])
+def test_selected_attention_on_cpu(loop_order):
+    gen = _gen()
+    cu = random_cu_seqlens(250, 3, block_size=SLC_BS, generator=gen)
+    n = int(cu[-1])
+    idx = random_topk_idx(cu, HKV, SLC_TOPK, SLC_BS, generator=gen)
+    q, k, v = (_randn(gen, n, h, D, dtype=BF16).requires_grad_() for h in (HKV * G, HKV, HKV))
+    o, lse = fsagen.selected_attention(q, k, v, idx, SLC_BS, cu, return_lse=True, loop_order=loop_order)
+    do = _randn(gen, n, HKV * G, D, dtype=BF16)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    ro, rl, *rgrads = _reference(q, k, v, idx, cu, SLC_BS, do)
+    _compare(o.detach(), lse, grads, ro, rl, rgrads, BF16, f"{loop_order} N={n}", "slc-cpu")
+
+
+def _swa_fwd_stage():
+    from fsagen.cache import get_kernel
+
+    spec = KERNELS[0][0]
+    assert (spec.branch, spec.phase, spec.dtype) == ("swa", "fwd", "bfloat16")
+    return get_kernel(spec, arch="cpu")["dense_fwd"]
+
+
+def test_cpu_stage_checks_its_arguments():
+    """The ctypes loader checks what TileLang's host wrapper checks on a GPU, naming the buffer."""
+    fn = _swa_fwd_stage()
+    n, cu = 40, torch.tensor([0, 40], dtype=torch.int32)
+    q, k, v = (torch.zeros(n, h, D, dtype=BF16) for h in (HKV * G, HKV, HKV))
+    tiles = torch.zeros(1, 2, dtype=torch.int32)
+    o, lse = torch.empty(n, HKV * G, D, dtype=BF16), torch.empty(n, HKV * G)
+    with pytest.raises(ValueError, match="expected 11 arguments"):
+        fn(q, k, v)
+    with pytest.raises(ValueError, match="K must have dtype bfloat16 or uint16"):
+        fn(q, k.half(), v, tiles, cu, cu, o, lse, 20, 0, 0.1)
+    with pytest.raises(ValueError, match=r"O.shape\[0\]=39 but Q gives N=40"):
+        fn(q, k, v, tiles, cu, cu, o[:39], lse, 20, 0, 0.1)
+    with pytest.raises(ValueError, match=r"O.shape\[2\] must be 32"):
+        fn(q, k, v, tiles, cu, cu, o[..., :16].contiguous(), lse, 20, 0, 0.1)
+    with pytest.raises(ValueError, match="V must be contiguous"):
+        fn(q, k, v.transpose(0, 1).contiguous().transpose(0, 1), tiles, cu, cu, o, lse, 20, 0, 0.1)
+    with pytest.raises(ValueError, match="lse must have 2 dims"):
+        fn(q, k, v, tiles, cu, cu, o, lse[..., None], 20, 0, 0.1)
+
+
+def test_cpu_artifact_holds_c_source_and_library():
+    fn = _swa_fwd_stage()
+    source = fn.library.with_suffix(".c").read_text()
+    assert "__global__" not in source and "for (int32_t" in source
+    assert [a.get("dim") for a in fn.abi if "dim" in a]  # symbolic sizes travel as arguments
