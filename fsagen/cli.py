@@ -70,6 +70,15 @@ def cmd_build(args) -> int:
     arch = schedule.arch
     grid = Path(args.grid) if args.grid else default_grid_file()
     specs = load_grid(grid, subset=args.subset)
+    # A schedule need not run every branch (cpu has no compression or decode programs): the grid's
+    # specs of branches it does not list are skipped, and said so; any other unsupported value
+    # still fails with the schedule's error.
+    branches = schedule.supports.get("branch")
+    skipped = sorted({s.branch for s in specs if branches is not None and s.branch not in branches})
+    if skipped:
+        specs = [s for s in specs if s.branch not in skipped]
+        print(f"fsagen build {arch}: skipping the grid's {', '.join(skipped)} specs (schedule {arch} "
+              f"supports the branches {list(branches)})")
     arch_dir = (Path(args.out) if args.out else generated_dir()) / arch
     arch_dir.mkdir(parents=True, exist_ok=True)
 

@@ -35,7 +35,7 @@ def env(tmp_path):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["build", "--arch", "sm70"], "unknown arch 'sm70'; known: ['sm80', 'sm90']"),
+    (["build", "--arch", "sm70"], "unknown arch 'sm70'; known: ['cpu', 'sm80', 'sm90']"),
     (["build", "--arch", "sm80", "--subset", "nightly"], "no subset 'nightly'"),
     (["list", "--arch", "ampere"], "unknown arch 'ampere'"),
     (["build", "--arch", "sm90", "--grid", "/nonexistent.toml"], "not found"),
@@ -199,3 +199,14 @@ def test_broken_schedule_file_is_one_line_naming_file_and_knob(capsys, monkeypat
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
     assert f"{tmp_path / 'sm80.toml'}: [knobs.q_outer]: knob 'q_threads'=100 must be a positive multiple of 32" in err
+
+
+def test_build_skips_branches_the_schedule_does_not_run(env, tmp_path):
+    """cpu has no compression or decode programs: the grid's comp and dec specs are skipped, said so."""
+    grid = tmp_path / "grid.toml"
+    grid.write_text('[[grid]]\nbranch = ["comp"]\nphase = ["fwd"]\nG = [1]\nD = [64]\ndtype = ["float16"]\n'
+                    'block_size = [0]\ntopk = [0]\nkernel_size = [32]\nstride = [16]\n')
+    result = run_cli("build", "--arch", "cpu", "--grid", str(grid), env_extra=env)
+    assert result.returncode == 0, result.stderr
+    assert "skipping the grid's comp specs (schedule cpu supports the branches" in result.stdout
+    assert "0 artifacts" in result.stdout
