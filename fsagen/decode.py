@@ -1,116 +1,113 @@
-"""Decode-time attention of one new token per sequence over an :class:`fsagen.NSAKVCache`.
+"""Decode-time NSA over an :class:`fsagen.NSAKVCache`: one new token per sequence.
 
 Each sequence's newest cached row is the new token (position ``p = length - 1``): append its k/v
-to the cache first, then call these with its query. The branches run the generated split-KV
-program (``kernels/decode.py``) over tiles listed here, on the GPU, from the cache's block table:
+to the cache first, then call these with its query.
 
-* ``decode_attention(..., "slc", topk_idx=...)``: the pages of the selected blocks (block size a
-  multiple of the cache's page size), keys ``<= p``;
-* ``"swa"``: the pages covering ``(p - window_size, p]``;
-* ``"cmp"``: the sequence's compressed tokens (all visible to the newest token).
+* :func:`nsa_decode`: the whole gated NSA output of the new tokens: cmp attention over the
+  compressed store (one launch that also writes the scores), the block selection from those
+  scores (:func:`select_from_scores`, a few batched torch ops), slc and swa (one launch for both),
+  the exact merge of the split-KV runs, and the gates.
+* :func:`decode_attention`: one branch ("slc" with given ``topk_idx``, "swa", "cmp").
 
-The split runs are combined exactly in torch (log-sum-exp over the splits: ``[B, Hq, splits]``).
+The attention launches run the generated split-KV program (``kernels/decode.py``) over tile lists
+built here on the device from the cache's device-side block table and lengths: nothing reads a
+device value on the host, and the work of a call depends only on the cache's geometry, the
+number of sequences and the NSA parameters, never on the lengths. So a decode step can be
+captured in a CUDA graph once (the sequence list is memoised per cache, so capture creates no
+host tensors) and replayed as the cache grows, as long as no page is allocated during capture
+(``NSAKVCache.append`` allocates pages: call it outside the graph).
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .glue import alloc, kernel_spec, plan_and_kernel
 
 BRANCHES = ("slc", "swa", "cmp")
+LN2 = math.log(2.0)
 _TARGET_CTAS = 264  # two waves of the H100's 132 SMs
 
 
-def _tiles(branch, cache, seqs, dev, topk_idx, block_size, window_size):
-    """(tile_page, tile_pos ``[B, Hkv, NT]`` int32, key_lo, key_hi ``[B]`` int32, K pool, V pool)."""
+# --------------------------------------------------------------------------- tile lists
+
+
+def _compact(valid):
+    """Valid tiles first (stable), and their count: the kernel loops over ``count`` tiles only.
+    ``valid [R, Hkv, NT]``; returns (order ``[R, Hkv, NT]`` int64, count int32)."""
+    order = torch.sort((~valid).to(torch.uint8), dim=-1, stable=True).indices
+    return order, valid.sum(dim=-1, dtype=torch.int32)
+
+
+def _raw_tiles(cache, seq_idx, pos, page_no):
+    """(tile_page, tile_pos, tile_count) of raw-pool pages ``page_no [B, Hkv, NT]`` (page numbers
+    within each sequence, -1 = none) of the sequences ``seq_idx`` whose newest position is ``pos``."""
+    ps = cache.page_size
+    table = cache.block_table_dev.index_select(0, seq_idx).long()  # [B, max_pages]
+    valid = (page_no >= 0) & (page_no <= (pos // ps)[:, None, None])
+    got = torch.gather(table, 1, page_no.clamp(0, table.shape[1] - 1).flatten(1)).view_as(page_no)
+    order, count = _compact(valid)
+    page = torch.gather(torch.where(valid, got, 0), 2, order)
+    return page, torch.gather(page_no, 2, order) * ps, count
+
+
+def _slc_pages(cache, pos, topk_idx, block_size):
+    """Page numbers ``[B, Hkv, topk * pages per block]`` of the selected blocks (topk_idx
+    ``[B, Hkv, topk]``), -1 for padding and blocks past the newest position's own."""
+    sub = block_size // cache.page_size
+    blk = topk_idx.long()
+    blk = torch.where((blk >= 0) & (blk <= (pos // block_size)[:, None, None]), blk, -1)
+    page_no = (blk[..., None] * sub + torch.arange(sub, device=pos.device)).flatten(2)
+    return torch.where(blk.repeat_interleave(sub, dim=-1) >= 0, page_no, -1)
+
+
+def _swa_pages(cache, pos, window_size):
+    """Page numbers ``[B, Hkv, NT]`` covering positions ``(p - window_size, p]``."""
+    ps = cache.page_size
+    first = (pos - window_size + 1).clamp(min=0) // ps
+    page_no = first[:, None] + torch.arange(-(-window_size // ps) + 1, device=pos.device)
+    return page_no[:, None, :].expand(-1, cache.num_kv_heads, -1)
+
+
+def _cmp_tiles(cache, seq_idx, lc):
+    """(tile_page, tile_pos, tile_count) of the compressed store viewed as a pool: sequence s's
+    compressed rows are pages ``s * per_seq ..`` (``NSAKVCache.compressed_pool``)."""
     ps, hkv = cache.page_size, cache.num_kv_heads
-    lengths = torch.tensor([cache.lengths[s] for s in seqs], dtype=torch.int64, device=dev)
-    pos = lengths - 1
-    table = cache.block_table[seqs].to(device=dev, dtype=torch.int64)  # [B, max_pages]
-
-    def pages_at(page_no):  # page_no [B, ...] -> pool page or -1 past the table / the length
-        valid = (page_no >= 0) & (page_no <= (pos // ps).view(-1, *[1] * (page_no.ndim - 1)))
-        idx = page_no.clamp(0, table.shape[1] - 1).reshape(len(seqs), -1)
-        got = torch.gather(table, 1, idx).reshape(page_no.shape)
-        return torch.where(valid, got, -1)
-
-    if branch == "slc":
-        if block_size % ps:
-            raise ValueError(f"decode_attention: block_size={block_size} must be a multiple of the cache's "
-                             f"page_size={ps}")
-        sub = block_size // ps
-        blk = topk_idx.to(device=dev, dtype=torch.int64).permute(1, 0, 2)  # [B, Hkv, topk]
-        own = (pos // block_size).view(-1, 1, 1)
-        blk = torch.where((blk >= 0) & (blk <= own), blk, -1)
-        page_no = (blk[..., None] * sub + torch.arange(sub, device=dev)).flatten(2)  # [B, Hkv, topk*sub]
-        page_no = torch.where(blk[..., None].expand(-1, -1, -1, sub).flatten(2) >= 0, page_no, -1)
-        tile_page, tile_pos = pages_at(page_no), page_no * ps
-        lo, hi = torch.full_like(pos, -1), pos
-        k_pool, v_pool = cache.k_pages, cache.v_pages
-    elif branch == "swa":
-        first = (pos - window_size + 1).clamp(min=0) // ps
-        page_no = first[:, None] + torch.arange(-(-window_size // ps) + 1, device=dev)
-        page_no = page_no[:, None, :].expand(-1, hkv, -1)
-        tile_page, tile_pos = pages_at(page_no), page_no * ps
-        lo, hi = pos - window_size, pos
-        k_pool, v_pool = cache.k_pages, cache.v_pages
-    else:  # cmp
-        per_seq = cache.max_cmp // ps
-        lc = torch.tensor([cache.num_compressed(cache.lengths[s]) for s in seqs], dtype=torch.int64, device=dev)
-        i = torch.arange(per_seq, device=dev)
-        seq_ids = torch.tensor(seqs, dtype=torch.int64, device=dev)
-        page = torch.where(i[None, :] * ps < lc[:, None], seq_ids[:, None] * per_seq + i[None, :], -1)
-        tile_page, tile_pos = page[:, None, :].expand(-1, hkv, -1), (i * ps)[None, None, :].expand(len(seqs), hkv, -1)
-        lo, hi = torch.full_like(pos, -1), lc - 1
-        k_pool, v_pool = cache.compressed_pool()
-    as_i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
-    return as_i32(tile_page), as_i32(tile_pos), as_i32(lo), as_i32(hi), k_pool, v_pool
+    per_seq = cache.max_cmp // ps
+    i = torch.arange(per_seq, device=lc.device)
+    page = (seq_idx[:, None] * per_seq + i[None, :]).to(torch.int32)
+    count = ((lc + ps - 1) // ps).to(torch.int32)
+    b = seq_idx.shape[0]
+    return (page[:, None, :].expand(b, hkv, -1), (i * ps).to(torch.int32)[None, None, :].expand(b, hkv, -1),
+            count[:, None].expand(b, hkv))
 
 
-def decode_attention(q: torch.Tensor, cache, seqs, branch: str, *, topk_idx: torch.Tensor | None = None,
-                     block_size: int | None = None, window_size: int | None = None,
-                     splits: int | None = None, scale: float | None = None):
-    """o ``[B, Hq, Dv]`` (q's dtype) and natural-log lse ``[B, Hq]`` float32 of the new token of
-    each sequence in ``seqs`` (q ``[B, Hq, D]``, one row per sequence, in that order) for
-    ``branch`` ("slc" with ``topk_idx [Hkv, B, topk]`` and ``block_size``, "swa" with
-    ``window_size``, or "cmp"). ``splits``: key-tile runs per (sequence, kv head) (default: enough
-    CTAs for two waves)."""
-    seqs = [cache._slot(s) for s in seqs]
-    if branch not in BRANCHES:
-        raise ValueError(f"decode_attention: branch must be one of {BRANCHES}, got {branch!r}")
-    if not isinstance(q, torch.Tensor) or q.ndim != 3 or q.shape[0] != len(seqs):
-        raise ValueError(f"decode_attention: q must be [B={len(seqs)}, Hq, D], got "
-                         f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
-    if q.dtype != cache.dtype or q.device != cache.device or q.shape[2] != cache.head_dim \
-            or q.shape[1] % cache.num_kv_heads:
-        raise ValueError(f"decode_attention: q must be {cache.dtype} on {cache.device} with D={cache.head_dim} "
-                         f"and Hq a multiple of Hkv={cache.num_kv_heads}, got {q.dtype} on {q.device}, "
-                         f"shape {tuple(q.shape)}")
-    if any(cache.lengths[s] == 0 for s in seqs):
-        raise ValueError("decode_attention: every sequence needs its new token's k/v in the cache first")
-    if branch == "slc" and (topk_idx is None or block_size is None or topk_idx.ndim != 3
-                            or tuple(topk_idx.shape[:2]) != (cache.num_kv_heads, len(seqs))):
-        raise ValueError(f"decode_attention: slc needs topk_idx [Hkv={cache.num_kv_heads}, B={len(seqs)}, topk] "
-                         "and block_size")
-    if branch == "swa" and (not isinstance(window_size, int) or window_size < 1):
-        raise ValueError(f"decode_attention: swa needs window_size >= 1, got {window_size!r}")
-    b, hq, _ = q.shape
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    tile_page, tile_pos, lo, hi, k_pool, v_pool = _tiles(branch, cache, seqs, q.device, topk_idx, block_size,
-                                                         window_size)
-    nt = tile_page.shape[2]
-    if splits is None:
-        splits = max(1, min(nt, -(-_TARGET_CTAS // (b * cache.num_kv_heads))))
+# --------------------------------------------------------------------------- launches
+
+
+def _launch(q, k_pool, v_pool, tiles, lo, hi, scale, page_size, scores_len=0):
+    """One split-KV launch over ``tiles = (tile_page, tile_pos, tile_count)``; returns the split
+    runs ``o_part [R, Hq, S, Dv]``, ``lse_part [R, Hq, S]`` and, with ``scores_len``, the scores
+    ``[R, Hq, scores_len]`` (log2 domain)."""
+    tile_page, tile_pos, count = (t.to(torch.int32).contiguous() for t in tiles)
+    rows, hq, _ = q.shape
+    hkv, nt = tile_page.shape[1], tile_page.shape[2]
+    splits = max(1, min(nt, -(-_TARGET_CTAS // max(rows * hkv, 1))))
     per_split = -(-nt // splits)
-    spec = kernel_spec("dec", "fwd", q, k_pool[0], block_size=cache.page_size)
-    kern, _ = plan_and_kernel(spec)
-    o_part = alloc((b, hq, splits, cache.v_head_dim), torch.float32, q.device)
-    lse_part = alloc((b, hq, splits), torch.float32, q.device)
-    kern["decode_fwd"](q.contiguous(), k_pool, v_pool, tile_page, tile_pos, lo, hi, o_part, lse_part,
-                       per_split, scale)
-    return combine_splits(o_part, lse_part, q.dtype)
+    spec = kernel_spec("dec", "fwd", q, k_pool[0], block_size=page_size)
+    kern, _ = plan_and_kernel(spec, device=q.device)
+    dv = v_pool.shape[-1]
+    o_part = alloc((rows, hq, splits, dv), torch.float32, q.device)
+    lse_part = alloc((rows, hq, splits), torch.float32, q.device)
+    s_out = alloc((rows, hq, max(scores_len, 1)), torch.float32, q.device)
+    stage = "decode_fwd_scores" if scores_len else "decode_fwd"
+    flat = lambda pool: pool.view(-1, *pool.shape[2:])  # noqa: E731  [pages * page_size, Hkv, D]
+    kern[stage](q.contiguous(), flat(k_pool), flat(v_pool), tile_page, tile_pos, count,
+                lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous(), o_part, lse_part, s_out,
+                per_split, float(scale))
+    return o_part, lse_part, s_out
 
 
 def combine_splits(o_part: torch.Tensor, lse_part: torch.Tensor, dtype: torch.dtype):
@@ -122,3 +119,158 @@ def combine_splits(o_part: torch.Tensor, lse_part: torch.Tensor, dtype: torch.dt
     w = torch.where(torch.isfinite(lse_part), w, 0)
     o = (w[..., None] * o_part).sum(dim=-2)
     return o.to(dtype), torch.where(seen, lse, -math.inf)
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def select_from_scores(scores2: torch.Tensor, lse: torch.Tensor, num_cmp: torch.Tensor, pos: torch.Tensor, *,
+                       num_kv_heads: int, kernel_size: int, stride: int, block_size: int, topk: int,
+                       init_blocks: int, local_blocks: int, num_blocks: int) -> torch.Tensor:
+    """Top-k blocks ``[B, Hkv, topk]`` int32 (ascending, -1 padded) of new tokens at positions
+    ``pos [B]`` from cmp's log2-domain scores ``scores2 [B, Hq, >= Lc]`` (entries past a
+    sequence's ``num_cmp`` are ignored, whatever they hold) and natural-log lse ``[B, Hq]``.
+
+    The prefill rules (``fsagen.reference_cmp.select_blocks_reference``): probabilities summed
+    over the G heads of a group, folded into blocks with the window/block overlap weights (a
+    compressed token's window is ``kernel_size / stride`` stride segments; a segment lies in one
+    block), ``init_blocks`` and the own block with the ``local_blocks - 1`` before it forced in,
+    ties to the lower block (a stable sort), blocks past the own one never chosen.
+    ``num_blocks``: the most blocks a sequence can have (a static shape)."""
+    b, hq, ns = scores2.shape
+    col = torch.arange(ns, device=scores2.device)
+    p = torch.where(col < num_cmp[:, None, None], torch.exp2(scores2 - (lse / LN2)[..., None]), 0.0)
+    grouped = p.view(b, num_kv_heads, hq // num_kv_heads, ns).sum(dim=2)  # [B, Hkv, ns]
+    nu, per_block = kernel_size // stride, block_size // stride
+    nseg = num_blocks * per_block
+    total = nu - 1 + nseg
+    padded = F.pad(grouped, (nu - 1, max(0, total - (nu - 1) - ns)))[..., :total]
+    seg = sum(padded[..., nu - 1 - u: nu - 1 - u + nseg] for u in range(nu))  # seg c' = sum_u p[c' - u]
+    score = seg.view(b, num_kv_heads, num_blocks, per_block).sum(dim=-1)
+    j = torch.arange(num_blocks, device=scores2.device)
+    own = (pos // block_size)[:, None, None]
+    forced = (j < init_blocks) | ((j <= own) & (j > own - local_blocks))
+    key = torch.where(j <= own, torch.where(forced, math.inf, score), -math.inf)
+    order = torch.sort(-key, dim=-1, stable=True).indices[..., :topk]
+    big = num_blocks + 1
+    kept = torch.where(order <= own, order, big)
+    kept = torch.sort(kept, dim=-1).values
+    kept = torch.where(kept == big, -1, kept)
+    if kept.shape[-1] < topk:
+        kept = F.pad(kept, (0, topk - kept.shape[-1]), value=-1)
+    return kept.to(torch.int32)
+
+
+# --------------------------------------------------------------------------- public
+
+
+def _check_q(q, cache, seqs, name):
+    if not isinstance(q, torch.Tensor) or q.ndim != 3 or q.shape[0] != len(seqs):
+        raise ValueError(f"{name}: q must be [B={len(seqs)}, Hq, D], got "
+                         f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
+    if q.dtype != cache.dtype or q.device != cache.device or q.shape[2] != cache.head_dim \
+            or q.shape[1] % cache.num_kv_heads:
+        raise ValueError(f"{name}: q must be {cache.dtype} on {cache.device} with D={cache.head_dim} "
+                         f"and Hq a multiple of Hkv={cache.num_kv_heads}, got {q.dtype} on {q.device}, "
+                         f"shape {tuple(q.shape)}")
+    if any(cache.lengths[s] == 0 for s in seqs):
+        raise ValueError(f"{name}: every sequence needs its new token's k/v in the cache first")
+
+
+def _positions(cache, seqs):
+    seq_idx = cache.seq_index(seqs)
+    pos = cache.lengths_dev.index_select(0, seq_idx).long() - 1
+    return seq_idx, pos
+
+
+def decode_attention(q: torch.Tensor, cache, seqs, branch: str, *, topk_idx: torch.Tensor | None = None,
+                     block_size: int | None = None, window_size: int | None = None, scale: float | None = None):
+    """o ``[B, Hq, Dv]`` (q's dtype) and natural-log lse ``[B, Hq]`` float32 of the new token of
+    each sequence in ``seqs`` (q ``[B, Hq, D]``, one row per sequence, in that order) for
+    ``branch`` ("slc" with ``topk_idx [Hkv, B, topk]`` and ``block_size``, a multiple of the
+    cache's page size; "swa" with ``window_size``; or "cmp")."""
+    seqs = [cache._slot(s) for s in seqs]
+    if branch not in BRANCHES:
+        raise ValueError(f"decode_attention: branch must be one of {BRANCHES}, got {branch!r}")
+    _check_q(q, cache, seqs, "decode_attention")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    seq_idx, pos = _positions(cache, seqs)
+    if branch == "slc":
+        if topk_idx is None or not isinstance(block_size, int) or topk_idx.ndim != 3 \
+                or tuple(topk_idx.shape[:2]) != (cache.num_kv_heads, len(seqs)):
+            raise ValueError(f"decode_attention: slc needs topk_idx [Hkv={cache.num_kv_heads}, B={len(seqs)}, topk] "
+                             "and block_size")
+        _check_block_size(cache, block_size)
+        tiles = _raw_tiles(cache, seq_idx, pos, _slc_pages(cache, pos, topk_idx.to(q.device).permute(1, 0, 2),
+                                                           block_size))
+        lo, hi, pools = torch.full_like(pos, -1), pos, (cache.k_pages, cache.v_pages)
+    elif branch == "swa":
+        if not isinstance(window_size, int) or isinstance(window_size, bool) or window_size < 1:
+            raise ValueError(f"decode_attention: swa needs window_size >= 1, got {window_size!r}")
+        tiles = _raw_tiles(cache, seq_idx, pos, _swa_pages(cache, pos, window_size))
+        lo, hi, pools = pos - window_size, pos, (cache.k_pages, cache.v_pages)
+    else:
+        lc = cache.num_compressed_dev(pos + 1)
+        tiles = _cmp_tiles(cache, seq_idx, lc)
+        lo, hi, pools = torch.full_like(pos, -1), lc - 1, cache.compressed_pool()
+    o_part, lse_part, _ = _launch(q, *pools, tiles, lo, hi, scale, cache.page_size)
+    return combine_splits(o_part, lse_part, q.dtype)
+
+
+def _check_block_size(cache, block_size):
+    if block_size < 1 or block_size % cache.page_size:
+        raise ValueError(f"decode: block_size={block_size} must be a multiple of the cache's "
+                         f"page_size={cache.page_size}")
+
+
+def nsa_decode(q: torch.Tensor, cache, seqs, gates: torch.Tensor, *, block_size: int, topk: int,
+               init_blocks: int, local_blocks: int, window_size: int, scale: float | None = None,
+               return_parts: bool = False):
+    """Gated NSA output ``[B, Hq, Dv]`` (gates' dtype, as :func:`fsagen.nsa_attention`) of the new
+    token of each sequence in ``seqs``; q ``[B, Hq, D]`` (rotated as the layer rotates it),
+    gates ``[B, Hq, 3]`` or ``[B, 3]`` (cmp, slc, swa). The cache's compression windows
+    (``kernel_size``, ``stride``) are the NSA ones. ``return_parts``: also a dict of ``o_cmp``,
+    ``o_slc``, ``o_swa``, ``lse_*`` ``[B, Hq]`` and ``topk_idx`` ``[Hkv, B, topk]`` int32, as
+    :func:`fsagen.reference_decode.nsa_decode_reference` returns them."""
+    from .nsa import _gate_sum, check_nsa_config
+
+    seqs = [cache._slot(s) for s in seqs]
+    _check_q(q, cache, seqs, "nsa_decode")
+    check_nsa_config(kernel_size=cache.kernel_size, stride=cache.stride, block_size=block_size, topk=topk,
+                     init_blocks=init_blocks, local_blocks=local_blocks, window_size=window_size, scale=scale)
+    _check_block_size(cache, block_size)
+    b, hq, _ = q.shape
+    if not isinstance(gates, torch.Tensor) or gates.device != q.device or not gates.dtype.is_floating_point \
+            or tuple(gates.shape) not in ((b, hq, 3), (b, 3)):
+        raise ValueError(f"nsa_decode: gates must be a floating tensor [B={b}, Hq={hq}, 3] or [B, 3] on {q.device}, "
+                         f"got {tuple(gates.shape) if isinstance(gates, torch.Tensor) else type(gates).__name__}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    seq_idx, pos = _positions(cache, seqs)
+    ps, hkv = cache.page_size, cache.num_kv_heads
+
+    # cmp, writing its scores for the selection
+    lc = cache.num_compressed_dev(pos + 1)
+    o_part, lse_part, scores2 = _launch(q, *cache.compressed_pool(), _cmp_tiles(cache, seq_idx, lc),
+                                        torch.full_like(pos, -1), lc - 1, scale, ps, scores_len=cache.max_cmp)
+    o_cmp, lse_cmp = combine_splits(o_part, lse_part, q.dtype)
+    topk_idx = select_from_scores(scores2, lse_cmp, lc, pos, num_kv_heads=hkv, kernel_size=cache.kernel_size,
+                                  stride=cache.stride, block_size=block_size, topk=topk, init_blocks=init_blocks,
+                                  local_blocks=local_blocks, num_blocks=-(-cache.max_len // block_size))
+
+    # slc and swa in one launch: rows [0, B) are the sequences' slc, rows [B, 2B) their swa
+    slc_pages = _slc_pages(cache, pos, topk_idx, block_size)
+    swa_pages = _swa_pages(cache, pos, window_size)
+    nt = max(slc_pages.shape[2], swa_pages.shape[2])
+    pad = lambda t: F.pad(t, (0, nt - t.shape[2]), value=-1)  # noqa: E731
+    pages = torch.cat([pad(slc_pages), pad(swa_pages)])
+    seq2, pos2 = seq_idx.repeat(2), pos.repeat(2)
+    lo = torch.cat([torch.full_like(pos, -1), pos - window_size])
+    o_part, lse_part, _ = _launch(q.repeat(2, 1, 1), cache.k_pages, cache.v_pages,
+                                  _raw_tiles(cache, seq2, pos2, pages), lo, pos2, scale, ps)
+    o_raw, lse_raw = combine_splits(o_part, lse_part, q.dtype)
+    o_slc, o_swa, lse_slc, lse_swa = o_raw[:b], o_raw[b:], lse_raw[:b], lse_raw[b:]
+    o = _gate_sum(o_cmp, o_slc, o_swa, gates)
+    if not return_parts:
+        return o
+    return o, {"o_cmp": o_cmp, "o_slc": o_slc, "o_swa": o_swa, "lse_cmp": lse_cmp, "lse_slc": lse_slc,
+               "lse_swa": lse_swa, "topk_idx": topk_idx.permute(1, 0, 2).contiguous()}

@@ -9,7 +9,9 @@ raw rows already in the pages, so the only state a sequence needs besides its pa
 length.
 
 Bookkeeping (lengths, block tables, the free-page list) is kept on the host: appending reads no
-device value. Every mutating call validates all of its inputs first and raises before touching
+device value. The block table and the lengths are mirrored on the cache's device
+(``block_table_dev``, ``lengths_dev``, refreshed by every mutating call) for the decode kernels,
+which so never need a host value of the cache: a decode step can be captured in a CUDA graph. Every mutating call validates all of its inputs first and raises before touching
 anything, so a failed call leaves the cache as it was.
 """
 from __future__ import annotations
@@ -75,6 +77,10 @@ class NSAKVCache:
         self.lengths = [0] * batch
         self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out the lowest page first
         self.compress_fn = compress_fn or mean_compress(kernel_size, stride)
+        # device mirrors of the bookkeeping (updated in place: captured graphs keep reading them)
+        self.block_table_dev = torch.full_like(self.block_table, -1, device=self.device)
+        self.lengths_dev = torch.zeros(batch, dtype=torch.int32, device=self.device)
+        self._seq_index: dict[tuple, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -88,6 +94,23 @@ class NSAKVCache:
     def num_compressed(self, length: int) -> int:
         """Compressed tokens of a sequence of ``length`` raw rows (0 before the first full window)."""
         return 0 if length < self.kernel_size else (length - self.kernel_size) // self.stride + 1
+
+    def num_compressed_dev(self, lengths: torch.Tensor) -> torch.Tensor:
+        """``num_compressed`` of a tensor of lengths, on its device (no host read)."""
+        return torch.where(lengths >= self.kernel_size, (lengths - self.kernel_size) // self.stride + 1, 0)
+
+    def seq_index(self, seqs: Sequence[int]) -> torch.Tensor:
+        """Slots ``seqs`` as an int64 tensor on the cache's device, memoised per list (so a decode
+        step replayed from a CUDA graph creates no host tensor)."""
+        key = tuple(self._slot(s) for s in seqs)
+        if key not in self._seq_index:
+            self._seq_index[key] = torch.tensor(key, dtype=torch.int64).to(self.device)
+        return self._seq_index[key]
+
+    def _sync_device(self) -> None:
+        """Refresh the device mirrors of the block table and the lengths (in place)."""
+        self.block_table_dev.copy_(self.block_table)
+        self.lengths_dev.copy_(torch.tensor(self.lengths, dtype=torch.int32))
 
     def pages_of(self, seq: int) -> list[int]:
         row = self.block_table[self._slot(seq)]
@@ -116,6 +139,7 @@ class NSAKVCache:
             if bad:
                 raise ValueError(f"NSAKVCache: block table of sequence {seq} points outside the pool "
                                  f"[0, {self.num_pages}): {bad}")
+        self._sync_device()
 
     # ------------------------------------------------------------------ writes
     def append(self, seqs: Sequence[int], k_new: torch.Tensor, v_new: torch.Tensor,
@@ -147,6 +171,7 @@ class NSAKVCache:
         for s, c in zip(seqs, counts):
             self._write(s, k_new[start:start + c], v_new[start:start + c])
             start += c
+        self._sync_device()
 
     def _write(self, seq: int, k_rows: torch.Tensor, v_rows: torch.Tensor) -> None:
         old, c = self.lengths[seq], k_rows.shape[0]
@@ -190,6 +215,7 @@ class NSAKVCache:
             k_span, v_span = self.raw(seq, 0, (lc - 1) * self.stride + self.kernel_size)
             k_c, v_c = self.compress_fn(k_span, v_span)
             self.k_cmp[seq, :lc], self.v_cmp[seq, :lc] = k_c.to(self.dtype), v_c.to(self.dtype)
+        self._sync_device()
 
     def release(self, seq: int) -> None:
         """Empty sequence ``seq``: its pages go back to the pool."""
@@ -197,6 +223,7 @@ class NSAKVCache:
         self._free.extend(reversed(self.pages_of(seq)))
         self.block_table[seq] = -1
         self.lengths[seq] = 0
+        self._sync_device()
 
     # ------------------------------------------------------------------ reads
     def raw(self, seq: int, lo: int = 0, hi: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

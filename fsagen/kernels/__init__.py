@@ -31,7 +31,7 @@ REQUIRED_KNOBS = {
     # comp: rows = raw rows per tile (a multiple of the stride)
     ("comp", "fwd"): ("rows", "threads"),
     ("comp", "bwd"): ("rows", "bwd_threads"),
-    ("dec", "fwd"): ("threads",),
+    ("dec", "fwd"): ("threads", "num_stages"),
 }
 
 _DTYPES = {"bfloat16": "bfloat16", "float16": "float16"}
@@ -41,8 +41,8 @@ def stage_names(branch: str, loop_order: str, phase: str) -> tuple:
     """Stages a plan compiles to, in launch order."""
     if branch == "sel":
         return ("sel_topk",)
-    if branch == "dec":
-        return ("decode_fwd",)
+    if branch == "dec":  # the cmp branch's launch also writes its scores (decode-time selection)
+        return ("decode_fwd", "decode_fwd_scores")
     if branch == "comp":
         return ("comp_fwd",) if phase == "fwd" else ("comp_bwd_dx", "comp_bwd_dw")
     return {
@@ -128,8 +128,9 @@ def _dec_builders(spec, plan, dtype, dl):
     from . import decode
 
     _gpu_only("dec", dl)
-    return {"decode_fwd": lambda: decode.decode_fwd(spec.G, spec.D, spec.D, dtype, spec.block_size,
-                                                    plan.knob("threads"))}
+    args = (spec.G, spec.D, spec.D, dtype, spec.block_size, plan.knob("threads"), plan.knob("num_stages"))
+    return {"decode_fwd": lambda: decode.decode_fwd(*args, scores=False, dl=dl),
+            "decode_fwd_scores": lambda: decode.decode_fwd(*args, scores=True, dl=dl)}
 
 
 def build_programs(spec, plan, target: dict | None = None) -> dict:

@@ -3,13 +3,15 @@
 A batch of sequences of different lengths (at and just past the compression-window, block and
 window boundaries) is appended to an NSAKVCache in pieces; the new token of each is decoded per
 branch (slc over the reference's own selection, swa, cmp) and compared with
-``nsa_decode_reference``'s parts, outputs NaN-poisoned first. Prebuild the kernels with
+``nsa_decode_reference``'s parts, outputs NaN-poisoned first; the whole gated step
+(``nsa_decode``: cmp with scores, selection, slc + swa, gates) against the reference's output and
+selection; and a step captured in a CUDA graph and replayed after the cache grew. Prebuild the kernels with
 ``fsagen build --arch sm90 --grid bench/grids/decode.toml``.
 """
 import pytest
 import torch
 
-from fsagen.decode import decode_attention
+from fsagen.decode import decode_attention, nsa_decode
 from fsagen.kv_cache import NSAKVCache
 from fsagen.reference_cmp import compress_reference
 from fsagen.reference_decode import nsa_decode_reference
@@ -23,28 +25,39 @@ LENGTHS = [KS - 1, KS, BS + 1, 100, 101, 512, 513, 1300]
 TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
-def check_decode(G, D, dtype, branch, window=100):
-    gen = torch.Generator(device="cuda").manual_seed(G * 1000 + D)
-    cache = NSAKVCache(len(LENGTHS), 64, PAGE, 1400, HKV, D, kernel_size=KS, stride=S, dtype=dtype, device="cuda")
-    seqs = list(range(len(LENGTHS)))
-    k_all = [torch.randn(n, HKV, D, device="cuda", generator=gen).to(dtype) for n in LENGTHS]
-    v_all = [torch.randn(n, HKV, D, device="cuda", generator=gen).to(dtype) for n in LENGTHS]
-    # prefill all but the last row, then append every sequence's new token in one call
-    cache.append(seqs, torch.cat([k[:-1] for k in k_all]), torch.cat([v[:-1] for v in v_all]), [n - 1 for n in LENGTHS])
-    cache.append(seqs, torch.cat([k[-1:] for k in k_all]), torch.cat([v[-1:] for v in v_all]), [1] * len(LENGTHS))
-    q = torch.randn(len(LENGTHS), HKV * G, D, device="cuda", generator=gen).to(dtype)
-    gates = torch.ones(1, HKV * G, 3, device="cuda", dtype=torch.float64)
+def _filled_cache(G, D, dtype, seed, lengths=LENGTHS, max_len=1400):
+    """A cache holding random k/v of ``lengths`` (prefilled, then each new token appended in one
+    call) and random queries ``[B, Hkv*G, D]``."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    cache = NSAKVCache(len(lengths), 64, PAGE, max_len, HKV, D, kernel_size=KS, stride=S, dtype=dtype, device="cuda")
+    seqs = list(range(len(lengths)))
+    k_all = [torch.randn(n, HKV, D, device="cuda", generator=gen).to(dtype) for n in lengths]
+    v_all = [torch.randn(n, HKV, D, device="cuda", generator=gen).to(dtype) for n in lengths]
+    cache.append(seqs, torch.cat([k[:-1] for k in k_all]), torch.cat([v[:-1] for v in v_all]), [n - 1 for n in lengths])
+    cache.append(seqs, torch.cat([k[-1:] for k in k_all]), torch.cat([v[-1:] for v in v_all]), [1] * len(lengths))
+    q = torch.randn(len(lengths), HKV * G, D, device="cuda", generator=gen).to(dtype)
+    return cache, seqs, q
+
+
+def _references(cache, q, gates, window):
+    """nsa_decode_reference's parts for every sequence of the cache (its own compressed keys)."""
     refs = []
-    for b, n in enumerate(LENGTHS):
+    for b, n in enumerate(cache.lengths):
         kr, vr = cache.raw(b)
         kc, vc = compress_reference(kr, vr, torch.tensor([0, n], dtype=torch.int32, device="cuda"), KS, S, "mean")[:2]
         torch.testing.assert_close(cache.compressed(b)[0].double(), kc, rtol=2e-2, atol=2e-2)  # cache pooled it
         kc, vc = cache.compressed(b)  # the decode kernels read the cache's own compressed keys
-        _, parts = nsa_decode_reference(q[b:b + 1], kr, vr, kc, vc, torch.tensor([n - 1], device="cuda"),
-                                        gates, kernel_size=KS, stride=S, block_size=BS, topk=TOPK,
-                                        init_blocks=INIT, local_blocks=LOCAL, window_size=window,
-                                        return_parts=True)
-        refs.append(parts)
+        refs.append(nsa_decode_reference(q[b:b + 1], kr, vr, kc, vc, torch.tensor([n - 1], device="cuda"),
+                                         gates[b:b + 1], kernel_size=KS, stride=S, block_size=BS, topk=TOPK,
+                                         init_blocks=INIT, local_blocks=LOCAL, window_size=window,
+                                         return_parts=True))
+    return refs
+
+
+def check_decode(G, D, dtype, branch, window=100):
+    cache, seqs, q = _filled_cache(G, D, dtype, G * 1000 + D)
+    gates = torch.ones(len(seqs), HKV * G, 3, device="cuda", dtype=torch.float64)
+    refs = [parts for _, parts in _references(cache, q, gates, window)]
     kwargs = {}
     if branch == "slc":
         kwargs = dict(topk_idx=torch.cat([p["topk_idx"] for p in refs], dim=1), block_size=BS)
@@ -85,3 +98,63 @@ def test_decode_bad_inputs():
         decode_attention(q, cache, [0], "swa")
     with pytest.raises(ValueError, match="q must be"):
         decode_attention(q.float(), cache, [0], "cmp")
+
+
+def _nsa_kwargs(window):
+    return dict(block_size=BS, topk=TOPK, init_blocks=INIT, local_blocks=LOCAL, window_size=window)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("G", [1, 4, 16])
+def test_nsa_decode_matches_reference(G, D, dtype, monkeypatch):
+    """The whole step: selection equals the reference's, every branch and the gated sum within
+    tolerance; per-head gates."""
+    monkeypatch.setenv("FSAGEN_POISON", "1")
+    window = 100
+    cache, seqs, q = _filled_cache(G, D, dtype, 7 * G + D)
+    gates = torch.rand(len(seqs), HKV * G, 3, device="cuda", generator=torch.Generator("cuda").manual_seed(G))
+    refs = _references(cache, q, gates.double(), window)
+    o, parts = nsa_decode(q, cache, seqs, gates, **_nsa_kwargs(window), return_parts=True)
+    want_idx = torch.cat([p["topk_idx"] for _, p in refs], dim=1)
+    case = f"nsa_decode G={G} D={D} {str(dtype)[6:]} lengths={LENGTHS}"
+    assert torch.equal(parts["topk_idx"], want_idx), f"{case}: selection differs"
+    errs = {"o": rel_err(o, torch.cat([r for r, _ in refs]))}
+    for name in ("o_cmp", "o_slc", "o_swa"):
+        errs[name] = rel_err(parts[name], torch.cat([p[name] for _, p in refs]))
+    for name in ("lse_cmp", "lse_slc", "lse_swa"):
+        want = torch.cat([p[name] for _, p in refs])
+        fin = torch.isfinite(want)
+        assert torch.equal(torch.isfinite(parts[name]), fin), f"{case}: {name}: rows that see nothing differ"
+        errs[name] = (parts[name][fin].double() - want[fin]).abs().max().item() if fin.any() else 0.0
+    log_errors("decode-gpu", case, errs, tuple(errs))
+    assert not torch.isnan(o).any(), case
+    assert all(errs[n] < TOL[dtype] for n in ("o", "o_cmp", "o_slc", "o_swa")), f"{case}: {errs}"
+    assert all(errs[n] < 5e-2 for n in ("lse_cmp", "lse_slc", "lse_swa")), f"{case}: {errs}"
+
+
+@pytest.mark.parametrize("G", [1, 16])
+def test_nsa_decode_cuda_graph_replay(G):
+    """Capture one step, let every sequence grow by a token (pages allocated outside the graph),
+    replay: the replay equals an eager step on the grown cache."""
+    window, dtype, D = 100, torch.bfloat16, 128
+    cache, seqs, q = _filled_cache(G, D, dtype, 11 + G)
+    gates = torch.rand(len(seqs), HKV * G, 3, device="cuda")
+    static_q = q.clone()
+    for _ in range(2):  # warm up: compile/load the kernels, memoise the sequence list
+        nsa_decode(static_q, cache, seqs, gates, **_nsa_kwargs(window))
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_o = nsa_decode(static_q, cache, seqs, gates, **_nsa_kwargs(window))
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    for step in range(3):
+        k_new = torch.randn(len(seqs), HKV, D, device="cuda", generator=gen).to(dtype)
+        v_new = torch.randn(len(seqs), HKV, D, device="cuda", generator=gen).to(dtype)
+        cache.append(seqs, k_new, v_new, [1] * len(seqs))
+        static_q.copy_(torch.randn(q.shape, device="cuda", generator=gen).to(dtype))
+        graph.replay()
+        eager = nsa_decode(static_q, cache, seqs, gates, **_nsa_kwargs(window))
+        err = rel_err(static_o, eager.double())
+        log_errors("decode-gpu", f"graph replay G={G} step {step}", {"o": err}, ("o",))
+        assert err < 1e-6, f"step {step}: graph replay differs from the eager step ({err})"
