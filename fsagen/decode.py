@@ -20,6 +20,7 @@ host tensors) and replayed as the cache grows, as long as no page is allocated d
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,16 @@ from .glue import alloc, kernel_spec, plan_and_kernel
 BRANCHES = ("slc", "swa", "cmp")
 LN2 = math.log(2.0)
 _TARGET_CTAS = 264  # two waves of the H100's 132 SMs
+# Per cache: tile tables that depend only on its geometry and the sequence list (built once, so a
+# step launches no kernel for them).
+_STATIC = weakref.WeakKeyDictionary()
+
+
+def _static(cache, key, build):
+    memo = _STATIC.setdefault(cache, {})
+    if key not in memo:
+        memo[key] = build()
+    return memo[key]
 
 
 # --------------------------------------------------------------------------- tile lists
@@ -41,16 +52,19 @@ def _compact(valid):
     return order, valid.sum(dim=-1, dtype=torch.int32)
 
 
-def _raw_tiles(cache, seq_idx, pos, page_no):
+def _raw_tiles(cache, seq_idx, pos, page_no, valid_first=False):
     """(tile_page, tile_pos, tile_count) of raw-pool pages ``page_no [B, Hkv, NT]`` (page numbers
-    within each sequence, -1 = none) of the sequences ``seq_idx`` whose newest position is ``pos``."""
+    within each sequence, -1 = none) of the sequences ``seq_idx`` whose newest position is ``pos``.
+    ``valid_first``: the caller's valid pages already come first (no compaction)."""
     ps = cache.page_size
-    table = cache.block_table_dev.index_select(0, seq_idx).long()  # [B, max_pages]
+    table = cache.block_table_dev.index_select(0, seq_idx)  # [B, max_pages]
     valid = (page_no >= 0) & (page_no <= (pos // ps)[:, None, None])
     got = torch.gather(table, 1, page_no.clamp(0, table.shape[1] - 1).flatten(1)).view_as(page_no)
+    page = torch.where(valid, got, 0)
+    if valid_first:
+        return page, page_no * ps, valid.sum(dim=-1, dtype=torch.int32)
     order, count = _compact(valid)
-    page = torch.gather(torch.where(valid, got, 0), 2, order)
-    return page, torch.gather(page_no, 2, order) * ps, count
+    return torch.gather(page, 2, order), torch.gather(page_no, 2, order) * ps, count
 
 
 def _slc_pages(cache, pos, topk_idx, block_size):
@@ -59,6 +73,8 @@ def _slc_pages(cache, pos, topk_idx, block_size):
     sub = block_size // cache.page_size
     blk = topk_idx.long()
     blk = torch.where((blk >= 0) & (blk <= (pos // block_size)[:, None, None]), blk, -1)
+    if sub == 1:
+        return blk
     page_no = (blk[..., None] * sub + torch.arange(sub, device=pos.device)).flatten(2)
     return torch.where(blk.repeat_interleave(sub, dim=-1) >= 0, page_no, -1)
 
@@ -76,12 +92,17 @@ def _cmp_tiles(cache, seq_idx, lc):
     compressed rows are pages ``s * per_seq ..`` (``NSAKVCache.compressed_pool``)."""
     ps, hkv = cache.page_size, cache.num_kv_heads
     per_seq = cache.max_cmp // ps
-    i = torch.arange(per_seq, device=lc.device)
-    page = (seq_idx[:, None] * per_seq + i[None, :]).to(torch.int32)
-    count = ((lc + ps - 1) // ps).to(torch.int32)
     b = seq_idx.shape[0]
-    return (page[:, None, :].expand(b, hkv, -1), (i * ps).to(torch.int32)[None, None, :].expand(b, hkv, -1),
-            count[:, None].expand(b, hkv))
+
+    def build():
+        i = torch.arange(per_seq, device=lc.device)
+        page = (seq_idx[:, None] * per_seq + i[None, :]).to(torch.int32)
+        return (page[:, None, :].expand(b, hkv, -1).contiguous(),
+                (i * ps).to(torch.int32)[None, None, :].expand(b, hkv, -1).contiguous())
+
+    page, pos = _static(cache, ("cmp", seq_idx.data_ptr(), b), build)
+    count = ((lc + ps - 1) // ps).to(torch.int32)
+    return page, pos, count[:, None].expand(b, hkv)
 
 
 # --------------------------------------------------------------------------- launches
@@ -94,7 +115,7 @@ def _launch(q, k_pool, v_pool, tiles, lo, hi, scale, page_size, scores_len=0):
     tile_page, tile_pos, count = (t.to(torch.int32).contiguous() for t in tiles)
     rows, hq, _ = q.shape
     hkv, nt = tile_page.shape[1], tile_page.shape[2]
-    splits = max(1, min(nt, -(-_TARGET_CTAS // max(rows * hkv, 1))))
+    splits = max(1, min(nt, round(_TARGET_CTAS / max(rows * hkv, 1))))
     per_split = -(-nt // splits)
     spec = kernel_spec("dec", "fwd", q, k_pool[0], block_size=page_size)
     kern, _ = plan_and_kernel(spec, device=q.device)
@@ -113,6 +134,8 @@ def _launch(q, k_pool, v_pool, tiles, lo, hi, scale, page_size, scores_len=0):
 def combine_splits(o_part: torch.Tensor, lse_part: torch.Tensor, dtype: torch.dtype):
     """Exact merge of split-KV runs: ``lse = logsumexp_s lse_s``, ``o = sum_s exp(lse_s - lse) o_s``
     (a row no run saw: o = 0, lse = -inf)."""
+    if lse_part.shape[-1] == 1:  # one run: already normalised (o = 0, lse = -inf where it saw nothing)
+        return o_part[..., 0, :].to(dtype), lse_part[..., 0]
     lse = torch.logsumexp(lse_part, dim=-1)
     seen = torch.isfinite(lse)
     w = torch.exp(lse_part - torch.where(seen, lse, 0)[..., None])
@@ -135,7 +158,7 @@ def select_from_scores(scores2: torch.Tensor, lse: torch.Tensor, num_cmp: torch.
     over the G heads of a group, folded into blocks with the window/block overlap weights (a
     compressed token's window is ``kernel_size / stride`` stride segments; a segment lies in one
     block), ``init_blocks`` and the own block with the ``local_blocks - 1`` before it forced in,
-    ties to the lower block (a stable sort), blocks past the own one never chosen.
+    ties to the lower block, blocks past the own one never chosen.
     ``num_blocks``: the most blocks a sequence can have (a static shape)."""
     b, hq, ns = scores2.shape
     col = torch.arange(ns, device=scores2.device)
@@ -150,8 +173,12 @@ def select_from_scores(scores2: torch.Tensor, lse: torch.Tensor, num_cmp: torch.
     j = torch.arange(num_blocks, device=scores2.device)
     own = (pos // block_size)[:, None, None]
     forced = (j < init_blocks) | ((j <= own) & (j > own - local_blocks))
-    key = torch.where(j <= own, torch.where(forced, math.inf, score), -math.inf)
-    order = torch.sort(-key, dim=-1, stable=True).indices[..., :topk]
+    key = torch.where(j <= own, torch.where(forced, math.inf, score.float()), -math.inf)
+    # One top-k over unique integer keys: a non-negative float's bits order as the float does
+    # (-inf, the blocks past the own one, is negative as an int32), and the low bits rank equal
+    # scores by block, lower first: the prefill's tie rule, without a full stable sort.
+    enc = (key.view(torch.int32).long() << 24) + ((1 << 24) - 1 - j)
+    order = torch.topk(enc, min(topk, num_blocks), dim=-1).indices
     big = num_blocks + 1
     kept = torch.where(order <= own, order, big)
     kept = torch.sort(kept, dim=-1).values
@@ -266,7 +293,7 @@ def nsa_decode(q: torch.Tensor, cache, seqs, gates: torch.Tensor, *, block_size:
     seq2, pos2 = seq_idx.repeat(2), pos.repeat(2)
     lo = torch.cat([torch.full_like(pos, -1), pos - window_size])
     o_part, lse_part, _ = _launch(q.repeat(2, 1, 1), cache.k_pages, cache.v_pages,
-                                  _raw_tiles(cache, seq2, pos2, pages), lo, pos2, scale, ps)
+                                  _raw_tiles(cache, seq2, pos2, pages, valid_first=True), lo, pos2, scale, ps)
     o_raw, lse_raw = combine_splits(o_part, lse_part, q.dtype)
     o_slc, o_swa, lse_slc, lse_swa = o_raw[:b], o_raw[b:], lse_raw[:b], lse_raw[b:]
     o = _gate_sum(o_cmp, o_slc, o_swa, gates)
