@@ -4,9 +4,10 @@ Each sequence's newest cached row is the new token (position ``p = length - 1``)
 to the cache first, then call these with its query.
 
 * :func:`nsa_decode`: the whole gated NSA output of the new tokens: cmp attention over the
-  compressed store (one launch that also writes the scores), the block selection from those
-  scores (:func:`select_from_scores`, a few batched torch ops), slc and swa (one launch for both),
-  the exact merge of the split-KV runs, and the gates.
+  compressed store (one launch that also writes the scores), the group-summed probabilities
+  (one generated pass over the scores), the block selection from them (:func:`select_blocks`,
+  a few batched torch ops on ``[B, Hkv, Lc]``), slc and swa (one launch for both), the exact
+  merge of the split-KV runs, and the gates.
 * :func:`decode_attention`: one branch ("slc" with given ``topk_idx``, "swa", "cmp").
 
 The attention launches run the generated split-KV program (``kernels/decode.py``) over tile lists
@@ -29,7 +30,7 @@ from .glue import alloc, kernel_spec, plan_and_kernel
 
 BRANCHES = ("slc", "swa", "cmp")
 LN2 = math.log(2.0)
-_TARGET_CTAS = 264  # two waves of the H100's 132 SMs
+_TARGET_CTAS = 160  # about 1.2 waves of the H100's 132 SMs (measured: fewer, longer runs beat 264)
 # Per cache: tile tables that depend only on its geometry and the sequence list (built once, so a
 # step launches no kernel for them).
 _STATIC = weakref.WeakKeyDictionary()
@@ -128,7 +129,7 @@ def _launch(q, k_pool, v_pool, tiles, lo, hi, scale, page_size, scores_len=0):
     kern[stage](q.contiguous(), flat(k_pool), flat(v_pool), tile_page, tile_pos, count,
                 lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous(), o_part, lse_part, s_out,
                 per_split, float(scale))
-    return o_part, lse_part, s_out
+    return o_part, lse_part, s_out, kern
 
 
 def combine_splits(o_part: torch.Tensor, lse_part: torch.Tensor, dtype: torch.dtype):
@@ -147,30 +148,43 @@ def combine_splits(o_part: torch.Tensor, lse_part: torch.Tensor, dtype: torch.dt
 # --------------------------------------------------------------------------- selection
 
 
-def select_from_scores(scores2: torch.Tensor, lse: torch.Tensor, num_cmp: torch.Tensor, pos: torch.Tensor, *,
-                       num_kv_heads: int, kernel_size: int, stride: int, block_size: int, topk: int,
-                       init_blocks: int, local_blocks: int, num_blocks: int) -> torch.Tensor:
-    """Top-k blocks ``[B, Hkv, topk]`` int32 (ascending, -1 padded) of new tokens at positions
-    ``pos [B]`` from cmp's log2-domain scores ``scores2 [B, Hq, >= Lc]`` (entries past a
-    sequence's ``num_cmp`` are ignored, whatever they hold) and natural-log lse ``[B, Hq]``.
-
-    The prefill rules (``fsagen.reference_cmp.select_blocks_reference``): probabilities summed
-    over the G heads of a group, folded into blocks with the window/block overlap weights (a
-    compressed token's window is ``kernel_size / stride`` stride segments; a segment lies in one
-    block), ``init_blocks`` and the own block with the ``local_blocks - 1`` before it forced in,
-    ties to the lower block, blocks past the own one never chosen.
-    ``num_blocks``: the most blocks a sequence can have (a static shape)."""
+def group_probs(scores2: torch.Tensor, lse: torch.Tensor, num_cmp: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """cmp's probabilities summed over the G heads of each kv head, ``[B, Hkv, ns]``, from its
+    log2-domain scores ``scores2 [B, Hq, ns]`` (entries past a sequence's ``num_cmp`` are ignored,
+    whatever they hold) and natural-log lse ``[B, Hq]``. The torch spelling of the generated
+    ``decode_group_probs`` stage (which ``nsa_decode`` runs on a GPU, in one pass)."""
     b, hq, ns = scores2.shape
     col = torch.arange(ns, device=scores2.device)
     p = torch.where(col < num_cmp[:, None, None], torch.exp2(scores2 - (lse / LN2)[..., None]), 0.0)
-    grouped = p.view(b, num_kv_heads, hq // num_kv_heads, ns).sum(dim=2)  # [B, Hkv, ns]
+    return p.view(b, num_kv_heads, hq // num_kv_heads, ns).sum(dim=2)
+
+
+def select_from_scores(scores2: torch.Tensor, lse: torch.Tensor, num_cmp: torch.Tensor, pos: torch.Tensor, *,
+                       num_kv_heads: int, **rules) -> torch.Tensor:
+    """:func:`select_blocks` of :func:`group_probs` (the whole selection from cmp's scores)."""
+    return select_blocks(group_probs(scores2, lse, num_cmp, num_kv_heads), pos, **rules)
+
+
+def select_blocks(grouped: torch.Tensor, pos: torch.Tensor, *, kernel_size: int, stride: int, block_size: int,
+                  topk: int, init_blocks: int, local_blocks: int, num_blocks: int) -> torch.Tensor:
+    """Top-k blocks ``[B, Hkv, topk]`` int32 (ascending, -1 padded) of new tokens at positions
+    ``pos [B]`` from cmp's probabilities summed over each group's heads, ``grouped [B, Hkv, ns]``
+    (0 past a sequence's compressed tokens).
+
+    The prefill rules (``fsagen.reference_cmp.select_blocks_reference``): probabilities folded
+    into blocks with the window/block overlap weights (a compressed token's window is
+    ``kernel_size / stride`` stride segments; a segment lies in one block), ``init_blocks`` and
+    the own block with the ``local_blocks - 1`` before it forced in, ties to the lower block,
+    blocks past the own one never chosen. ``num_blocks``: the most blocks a sequence can have
+    (a static shape)."""
+    b, num_kv_heads, ns = grouped.shape
     nu, per_block = kernel_size // stride, block_size // stride
     nseg = num_blocks * per_block
     total = nu - 1 + nseg
     padded = F.pad(grouped, (nu - 1, max(0, total - (nu - 1) - ns)))[..., :total]
     seg = sum(padded[..., nu - 1 - u: nu - 1 - u + nseg] for u in range(nu))  # seg c' = sum_u p[c' - u]
     score = seg.view(b, num_kv_heads, num_blocks, per_block).sum(dim=-1)
-    j = torch.arange(num_blocks, device=scores2.device)
+    j = torch.arange(num_blocks, device=grouped.device)
     own = (pos // block_size)[:, None, None]
     forced = (j < init_blocks) | ((j <= own) & (j > own - local_blocks))
     key = torch.where(j <= own, torch.where(forced, math.inf, score.float()), -math.inf)
@@ -240,7 +254,7 @@ def decode_attention(q: torch.Tensor, cache, seqs, branch: str, *, topk_idx: tor
         lc = cache.num_compressed_dev(pos + 1)
         tiles = _cmp_tiles(cache, seq_idx, lc)
         lo, hi, pools = torch.full_like(pos, -1), lc - 1, cache.compressed_pool()
-    o_part, lse_part, _ = _launch(q, *pools, tiles, lo, hi, scale, cache.page_size)
+    o_part, lse_part, _, _ = _launch(q, *pools, tiles, lo, hi, scale, cache.page_size)
     return combine_splits(o_part, lse_part, q.dtype)
 
 
@@ -277,12 +291,15 @@ def nsa_decode(q: torch.Tensor, cache, seqs, gates: torch.Tensor, *, block_size:
 
     # cmp, writing its scores for the selection
     lc = cache.num_compressed_dev(pos + 1)
-    o_part, lse_part, scores2 = _launch(q, *cache.compressed_pool(), _cmp_tiles(cache, seq_idx, lc),
-                                        torch.full_like(pos, -1), lc - 1, scale, ps, scores_len=cache.max_cmp)
+    o_part, lse_part, scores2, kern = _launch(q, *cache.compressed_pool(), _cmp_tiles(cache, seq_idx, lc),
+                                              torch.full_like(pos, -1), lc - 1, scale, ps, scores_len=cache.max_cmp)
     o_cmp, lse_cmp = combine_splits(o_part, lse_part, q.dtype)
-    topk_idx = select_from_scores(scores2, lse_cmp, lc, pos, num_kv_heads=hkv, kernel_size=cache.kernel_size,
-                                  stride=cache.stride, block_size=block_size, topk=topk, init_blocks=init_blocks,
-                                  local_blocks=local_blocks, num_blocks=-(-cache.max_len // block_size))
+    lc32 = lc.to(torch.int32)
+    grouped = alloc((b, hkv, cache.max_cmp), torch.float32, q.device)
+    kern["decode_group_probs"](scores2, lse_cmp.contiguous(), lc32, grouped)
+    topk_idx = select_blocks(grouped, pos, kernel_size=cache.kernel_size, stride=cache.stride, block_size=block_size,
+                             topk=topk, init_blocks=init_blocks, local_blocks=local_blocks,
+                             num_blocks=-(-cache.max_len // block_size))
 
     # slc and swa in one launch: rows [0, B) are the sequences' slc, rows [B, 2B) their swa
     slc_pages = _slc_pages(cache, pos, topk_idx, block_size)
@@ -292,7 +309,7 @@ def nsa_decode(q: torch.Tensor, cache, seqs, gates: torch.Tensor, *, block_size:
     pages = torch.cat([pad(slc_pages), pad(swa_pages)])
     seq2, pos2 = seq_idx.repeat(2), pos.repeat(2)
     lo = torch.cat([torch.full_like(pos, -1), pos - window_size])
-    o_part, lse_part, _ = _launch(q.repeat(2, 1, 1), cache.k_pages, cache.v_pages,
+    o_part, lse_part, _, _ = _launch(q.repeat(2, 1, 1), cache.k_pages, cache.v_pages,
                                   _raw_tiles(cache, seq2, pos2, pages, valid_first=True), lo, pos2, scale, ps)
     o_raw, lse_raw = combine_splits(o_part, lse_part, q.dtype)
     o_slc, o_swa, lse_slc, lse_swa = o_raw[:b], o_raw[b:], lse_raw[:b], lse_raw[b:]

@@ -42,7 +42,7 @@ def stage_names(branch: str, loop_order: str, phase: str) -> tuple:
     if branch == "sel":
         return ("sel_topk",)
     if branch == "dec":  # the cmp branch's launch also writes its scores (decode-time selection)
-        return ("decode_fwd", "decode_fwd_scores")
+        return ("decode_fwd", "decode_fwd_scores", "decode_group_probs")
     if branch == "comp":
         return ("comp_fwd",) if phase == "fwd" else ("comp_bwd_dx", "comp_bwd_dw")
     return {
@@ -130,7 +130,8 @@ def _dec_builders(spec, plan, dtype, dl):
     _gpu_only("dec", dl)
     args = (spec.G, spec.D, spec.D, dtype, spec.block_size, plan.knob("threads"), plan.knob("num_stages"))
     return {"decode_fwd": lambda: decode.decode_fwd(*args, scores=False, dl=dl),
-            "decode_fwd_scores": lambda: decode.decode_fwd(*args, scores=True, dl=dl)}
+            "decode_fwd_scores": lambda: decode.decode_fwd(*args, scores=True, dl=dl),
+            "decode_group_probs": lambda: decode.group_probs(spec.G, 256, 256, dl=dl)}
 
 
 def build_programs(spec, plan, target: dict | None = None) -> dict:

@@ -121,3 +121,31 @@ def decode_fwd(G: int, D: int, DV: int, dtype: str, page_size: int, threads: int
                     )
 
     return main
+
+
+def group_probs(G: int, cols: int, threads: int, dl: Dialect = SIMT):
+    """Decode-time selection's first step, in one pass over cmp's scores: the probabilities of
+    each compressed token summed over the G query heads of a kv head,
+    ``P[b, h, c] = sum_g exp2(S[b, h*G + g, c] - lse2)`` for ``c < num_cmp[b]``, 0 past it (where
+    ``S`` was never written). ``lse`` is the merged natural-log lse of the cmp launch."""
+    B, HQ, HKV, NS = T.dynamic("B, HQ, HKV, NS")
+
+    @T.prim_func
+    def main(
+        S: T.Tensor((B, HQ, NS), ACCUM),
+        lse: T.Tensor((B, HQ), ACCUM),
+        num_cmp: T.Tensor((B,), INDEX),
+        P: T.Tensor((B, HKV, NS), ACCUM),
+    ):
+        with T.Kernel(T.ceildiv(NS, cols), HKV, B, threads=threads) as (bc, h, b):
+            n = num_cmp[b]
+            for c in dl.par(cols):
+                col = bc * cols + c
+                if col < NS:
+                    P[b, h, col] = T.if_then_else(
+                        col < n,
+                        sum(T.exp2(S[b, h * G + g, col] - lse[b, h * G + g] * (1.0 / LN2)) for g in range(G)),
+                        0,
+                    )
+
+    return main
