@@ -43,6 +43,7 @@ KERNELS = [
     (_spec("sel", "fwd", BF16, block_size=SEL_BS, topk=SEL_TOPK, kernel_size=KS, stride=STRIDE), None),
     *[(_spec("slc", phase, BF16, block_size=SLC_BS, topk=SLC_TOPK), order)
       for order in ("kv_outer", "q_outer") for phase in ("fwd", "bwd")],
+    (_spec("dec", "fwd", BF16, block_size=16), None),  # decode over a cache of 16-row pages
 ]
 
 
@@ -171,3 +172,31 @@ def test_cpu_artifact_holds_c_source_and_library():
     source = fn.library.with_suffix(".c").read_text()
     assert "__global__" not in source and "for (int32_t" in source
     assert [a.get("dim") for a in fn.abi if "dim" in a]  # symbolic sizes travel as arguments
+
+
+def test_nsa_decode_on_cpu():
+    """The decode step (cmp with scores, the group-summed probabilities, selection, slc + swa,
+    gates) on a CPU cache: block for block the reference's selection, every part within bf16."""
+    from fsagen.decode import nsa_decode
+    from fsagen.kv_cache import NSAKVCache
+    from fsagen.reference_decode import nsa_decode_reference
+    from fsagen.testing import rel_err
+
+    lengths, page, bs, topk, window = [1, 31, 32, 33, 70, 100], 16, 32, 3, 20
+    rules = dict(block_size=bs, topk=topk, init_blocks=1, local_blocks=1, window_size=window)
+    gen = torch.Generator().manual_seed(3)
+    cache = NSAKVCache(len(lengths), 64, page, 128, HKV, D, kernel_size=KS, stride=STRIDE, dtype=BF16)
+    seqs = list(range(len(lengths)))
+    cache.append(seqs, *(torch.randn(sum(lengths), HKV, D, generator=gen).to(BF16) for _ in range(2)), lengths)
+    q = torch.randn(len(lengths), HKV * G, D, generator=gen).to(BF16)
+    gates = torch.rand(len(lengths), HKV * G, 3, generator=gen)
+    o, parts = nsa_decode(q, cache, seqs, gates, **rules, return_parts=True)
+    for b, n in enumerate(lengths):
+        kr, vr = cache.raw(b)
+        kc, vc = cache.compressed(b)
+        ro, rp = nsa_decode_reference(q[b:b + 1], kr, vr, kc, vc, torch.tensor([n - 1]), gates[b:b + 1].double(),
+                                      kernel_size=KS, stride=STRIDE, **rules, return_parts=True)
+        assert torch.equal(parts["topk_idx"][:, b:b + 1], rp["topk_idx"]), f"length {n}: selection differs"
+        for name, got, want in (("o", o[b:b + 1], ro), *((k, parts[k][b:b + 1], rp[k]) for k in ("o_cmp", "o_slc", "o_swa"))):
+            err = rel_err(got, want)
+            assert err < 1e-2, f"length {n}: {name} rel err {err}"
