@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from fsagen.compression import COMPRESS_DTYPES
+from fsagen.compression import COMPRESS_DTYPES, compress
 from fsagen.errors import SpecError, UnsupportedSpec
 from fsagen.nsa import compress_kv, nsa_attention_from_compressed, shapes_only
 from fsagen.reference_cmp import COMPRESS_OPTIONAL, COMPRESS_REQUIRED, compress_param_shapes
@@ -212,7 +212,7 @@ class NativeSparseAttention(nn.Module):
     # ----------------------------------------------------------------------- forward
 
     def forward(self, x: Tensor, cu_seqlens: Tensor | None = None, *, attention_mask: Tensor | None = None,
-                return_parts: bool = False):
+                return_parts: bool = False, cache=None, cache_seqs=None):
         """The layer's output, in the projections' dtype.
 
         * packed: ``x [N, hidden]`` and ``cu_seqlens`` int32 ``[B + 1]`` on x's device (None: one
@@ -226,6 +226,24 @@ class NativeSparseAttention(nn.Module):
         (in the packed layout of the real tokens) plus ``cu_seqlens`` (the packed offsets) and, for
         padded input, ``packed_index`` (int64 ``[N]``: the flat index ``b*T + t`` of each packed
         token).
+
+        With ``cache`` (an :class:`fsagen.NSAKVCache` from :meth:`new_cache`), sequence b of the
+        batch is the continuation of cache slot ``cache_seqs[b]`` (default: slot b); a call is
+
+        * a prefill when every slot is empty: the path above, then the sequences' raw k/v (rotated,
+          kernel dtype), their compressed k/v (as the prefill computed them) and the source rows
+          for later windows (unrotated k/v) go into the cache in one append;
+        * a decode step when every sequence brings exactly one new token (its slot holding its
+          prefix, or empty): projections, rotary at position = the slot's cached length, append
+          (the cache pools a window this token completes with :meth:`_compress_windows`),
+          :func:`fsagen.decode.nsa_decode` over the cache, gates inside it, output projection.
+          ``parts`` then holds ``positions`` (and nsa_decode's parts with ``return_parts``).
+
+        More than one new token onto a slot holding a prefix (chunked prefill) raises: the prefill
+        kernels take no query offset.  Packed x without ``cu_seqlens`` is one sequence, or with
+        ``cache_seqs`` of B > 1 slots, B sequences of one token each (x ``[B, hidden]``).  The cache
+        is checked (its geometry against the layer's, the slots, room for the new rows, its block
+        tables) before anything is written; a failed call leaves it unchanged.
         """
         check_tensor("x", x)
         if not x.dtype.is_floating_point:
@@ -245,10 +263,15 @@ class NativeSparseAttention(nn.Module):
             if cu_seqlens is not None:
                 fail(ValueError, "cu_seqlens", "is for packed x [N, hidden]; padded x [B, T, hidden] takes "
                                                "attention_mask", "a tensor")
-            return self._padded(x, attention_mask, return_parts)
-        if attention_mask is not None:
+        elif attention_mask is not None:
             fail(ValueError, "attention_mask", "is for padded x [B, T, hidden]; packed x [N, hidden] takes "
                                                "cu_seqlens", "a tensor")
+        if cache is not None:
+            return self._cached(x, cu_seqlens, attention_mask, cache, cache_seqs, return_parts)
+        if cache_seqs is not None:
+            fail(ValueError, "cache_seqs", "names cache slots: pass it with cache=", cache_seqs)
+        if x.dim() == 3:
+            return self._padded(x, attention_mask, return_parts)
         if cu_seqlens is None:
             cu_seqlens = torch.tensor([0, x.shape[0]], dtype=torch.int32, device=x.device)
         check_tensor("cu_seqlens", cu_seqlens)  # the rest of its checks: compression's (no host read here)
@@ -257,37 +280,75 @@ class NativeSparseAttention(nn.Module):
         out, parts = self._packed(x, cu_seqlens)
         return (out, parts) if return_parts else out
 
-    def _packed(self, x: Tensor, cu: Tensor) -> tuple[Tensor, dict]:
+    def _project(self, x: Tensor):
+        """(q, k, v, gates, compression dtype) of packed x: q ``[N, Hq, D]``, k, v ``[N, Hkv, D]`` in the
+        projections' dtype, unrotated; gates ``[N, Hq, 3]`` or ``[N, 3]``."""
         spec, n = self.spec, x.shape[0]
-        hq, hkv, d = spec.num_q_heads, spec.num_kv_heads, spec.head_dim
-        q = self.q_proj(x).view(n, hq, d)
-        k = self.k_proj(x).view(n, hkv, d)
-        v = self.v_proj(x).view(n, hkv, d)
-        act = q.dtype
-        work = act if act in COMPRESS_DTYPES else torch.float32  # compress takes bf16 / fp16 / fp32
-        k_cmp, v_cmp, cu_cmp = compress_kv(k.to(work), v.to(work), cu, spec.kernel_size, spec.stride,
-                                           spec.compression, dict(self.compression_params))
+        q = self.q_proj(x).view(n, spec.num_q_heads, spec.head_dim)
+        k = self.k_proj(x).view(n, spec.num_kv_heads, spec.head_dim)
+        v = self.v_proj(x).view(n, spec.num_kv_heads, spec.head_dim)
+        g = torch.sigmoid(self.g_proj(x))
+        gates = g.view(n, spec.num_q_heads, 3) if spec.gate == "per_head" else g
+        work = q.dtype if q.dtype in COMPRESS_DTYPES else torch.float32  # compress takes bf16 / fp16 / fp32
+        return q, k, v, gates, work
+
+    def _compress_rotated(self, k: Tensor, v: Tensor, cu: Tensor, starts: Tensor | None = None):
+        """(k_cmp, v_cmp, cu_cmp) of unrotated k, v in the compression dtype: the layer's compression
+        kind and parameters, then rotary of each compressed key at its window start.  ``starts``
+        (int64, every window's start position, in order) when known: no host read, and the windows
+        are those of the spans in ``cu`` (the KV cache's hook, :meth:`_compress_windows`)."""
+        spec, params = self.spec, dict(self.compression_params)
+        if starts is None:
+            k_cmp, v_cmp, cu_cmp = compress_kv(k, v, cu, spec.kernel_size, spec.stride, spec.compression, params)
+        else:
+            k_cmp, v_cmp, cu_cmp = compress(k, v, cu, spec.kernel_size, spec.stride, spec.compression, **params,
+                                            num_compressed=starts.shape[0], check_values=False)
+        if self.rope_theta is not None:
+            if starts is None:
+                starts = token_positions(cu_cmp, k_cmp.shape[0])[0] * spec.stride
+            k_cmp = rotary(k_cmp, starts, self.rope_theta)
+        return k_cmp, v_cmp, cu_cmp
+
+    def _compress_windows(self, k: Tensor, v: Tensor, cu_seqlens: Tensor, starts: Tensor):
+        """The KV cache's ``compress_fn`` (:meth:`new_cache`): compressed k, v of windows of unrotated
+        source rows, exactly as the prefill computes them (:meth:`_compress_rotated`)."""
+        return self._compress_rotated(k, v, cu_seqlens, starts)[:2]
+
+    def _packed(self, x: Tensor, cu: Tensor, on_rows=None) -> tuple[Tensor, dict]:
+        """Prefill of packed x; ``on_rows(k, v, k_cmp, v_cmp, k_src, v_src)``, when given, receives the
+        rows a KV cache keeps (kernel dtype; ``k_src``, ``v_src`` unrotated in the compression dtype)
+        after the attention ran."""
+        spec, n = self.spec, x.shape[0]
+        q, k, v, gates, work = self._project(x)
+        k_src, v_src = k.to(work), v.to(work)
+        k_cmp, v_cmp, cu_cmp = self._compress_rotated(k_src, v_src, cu)
         if self.rope_theta is not None:
             pos = token_positions(cu, n)[0]
             q, k = rotary(q, pos, self.rope_theta), rotary(k, pos, self.rope_theta)
-            window_start = token_positions(cu_cmp, k_cmp.shape[0])[0] * spec.stride
-            k_cmp = rotary(k_cmp, window_start, self.rope_theta)
-        g = torch.sigmoid(self.g_proj(x))
-        gates = g.view(n, hq, 3) if spec.gate == "per_head" else g
         kd = self.kernel_dtype
+        k, v, k_cmp, v_cmp = k.to(kd), v.to(kd), k_cmp.to(kd), v_cmp.to(kd)
         o, parts = nsa_attention_from_compressed(
-            q.to(kd), k.to(kd), v.to(kd), k_cmp.to(kd), v_cmp.to(kd), gates, cu, cu_cmp,
+            q.to(kd), k, v, k_cmp, v_cmp, gates, cu, cu_cmp,
             kernel_size=spec.kernel_size, stride=spec.stride, block_size=spec.block_size, topk=spec.topk,
             init_blocks=spec.init_blocks, local_blocks=spec.local_blocks, window_size=spec.window_size,
             return_parts=True, check_values=False)
         parts["cu_seqlens"] = cu
-        return self.o_proj(o.reshape(n, hq * d).to(act)), parts
+        if on_rows is not None:
+            on_rows(k, v, k_cmp, v_cmp, k_src, v_src)
+        return self.o_proj(o.reshape(n, spec.num_q_heads * spec.head_dim).to(q.dtype)), parts
 
     def _padded(self, x: Tensor, mask: Tensor | None, return_parts: bool):
         b, t, h = x.shape
         if mask is None:  # every token real: B sequences of T, no packing needed (and no host read)
             out, parts = self._packed(x.reshape(b * t, h), torch.arange(b + 1, dtype=torch.int32, device=x.device) * t)
             return (out.view(b, t, -1), parts) if return_parts else out.view(b, t, -1)
+        cu, index = self._mask_packing(x, mask)
+        out, parts = self._packed(x.reshape(b * t, h)[index], cu)
+        return self._unpack(out, parts, index, x.shape, return_parts)
+
+    def _mask_packing(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """:func:`_packing` of a checked ``attention_mask`` for padded x."""
+        b, t, h = x.shape
         check_tensor("attention_mask", mask)
         if mask.dtype.is_floating_point or mask.dtype.is_complex:
             fail(TypeError, "attention_mask", "dtype must be torch.bool or an integer type (1 = real token, "
@@ -297,11 +358,171 @@ class NativeSparseAttention(nn.Module):
                  f"shape {tuple(mask.shape)}")
         if mask.device != x.device:
             fail(ValueError, "attention_mask", f"must be on x's device {x.device}", mask.device)
-        cu, index = _packing(mask)
-        out, parts = self._packed(x.reshape(b * t, h)[index], cu)
+        return _packing(mask)
+
+    @staticmethod
+    def _unpack(out: Tensor, parts: dict, index: Tensor, shape, return_parts: bool):
+        """Packed rows back to padded ``[B, T, hidden]`` (padding 0)."""
+        b, t, _ = shape
         full = out.new_zeros(b * t, out.shape[-1]).index_copy(0, index, out).view(b, t, -1)
         parts["packed_index"] = index
         return (full, parts) if return_parts else full
+
+    # ----------------------------------------------------------------------- KV cache (inference)
+
+    def new_cache(self, batch: int, max_len: int, *, page_size: int | None = None, num_pages: int | None = None,
+                  device=None, source_dtype: torch.dtype = torch.float32):
+        """An empty :class:`fsagen.NSAKVCache` for ``batch`` sequences of up to ``max_len`` tokens that
+        this layer can fill and read (``forward(..., cache=...)``): its kv heads, head dim and
+        compression windows, the kernel dtype, on the parameters' device (or ``device``).
+
+        ``page_size``: rows per page, dividing ``block_size`` (decode reads a selected block as whole
+        pages); default ``gcd(64, block_size)``.  ``num_pages``: default enough for every slot at
+        ``max_len``.  The cache pools each compression window the way the prefill does: from the
+        *unrotated* k/v rows in the compression dtype (kept in a per-slot ring of ``kernel_size`` rows
+        in ``source_dtype``, float32 by default, which holds bf16 / fp16 / fp32 rows exactly), with
+        this layer's compression kind and parameters (read when the window completes), then rotary
+        at the window start: :meth:`_compress_windows`."""
+        from fsagen.kv_cache import NSAKVCache
+
+        spec = self.spec
+        check_int("batch", batch, 1)
+        check_int("max_len", max_len, 1)
+        if page_size is None:
+            page_size = math.gcd(64, spec.block_size)
+        check_int("page_size", page_size, 1)
+        if spec.block_size % page_size:
+            fail(ValueError, "page_size", f"must divide block_size={spec.block_size} (decode reads a selected "
+                                          "block as whole pages)", page_size)
+        if num_pages is None:
+            num_pages = batch * -(-max_len // page_size)
+        device = self.q_proj.weight.device if device is None else device
+        return NSAKVCache(batch, num_pages, page_size, max_len, spec.num_kv_heads, spec.head_dim, spec.head_dim,
+                          kernel_size=spec.kernel_size, stride=spec.stride, dtype=self.kernel_dtype, device=device,
+                          compress_fn=self._compress_windows, source_dtype=source_dtype)
+
+    def _check_cache(self, cache) -> None:
+        from fsagen.kv_cache import NSAKVCache
+
+        if not isinstance(cache, NSAKVCache):
+            fail(TypeError, "cache", "must be an fsagen.NSAKVCache (layer.new_cache(...))", type(cache).__name__)
+        spec = self.spec
+        want = {"num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim, "v_head_dim": spec.head_dim,
+                "kernel_size": spec.kernel_size, "stride": spec.stride, "dtype": self.kernel_dtype,
+                "device": self.q_proj.weight.device}
+        for name, value in want.items():
+            if getattr(cache, name) != value:
+                fail(ValueError, "cache", f"{name} must be {value}, the layer's (build it with layer.new_cache)",
+                     getattr(cache, name))
+        if spec.block_size % cache.page_size:
+            fail(ValueError, "cache", f"page_size must divide block_size={spec.block_size} (decode reads a "
+                                      "selected block as whole pages)", cache.page_size)
+        hook = cache.compress_fn
+        if getattr(hook, "__self__", None) is not self or \
+                getattr(hook, "__func__", None) is not NativeSparseAttention._compress_windows or \
+                cache.source_dtype is None:
+            fail(ValueError, "cache", "must pool its windows from this layer's unrotated keys with this layer's "
+                                      "compression and rotary: build it with this layer's new_cache()",
+                 "a cache built otherwise")
+
+    def _cached(self, x: Tensor, cu: Tensor | None, mask: Tensor | None, cache, cache_seqs, return_parts: bool):
+        """forward with a KV cache: checks, then a prefill or a decode step (see forward)."""
+        self._check_cache(cache)
+        index = None
+        if x.dim() == 3:
+            b, t, h = x.shape
+            if mask is None:
+                cu = torch.arange(b + 1, dtype=torch.int32, device=x.device) * t
+            else:
+                cu, index = self._mask_packing(x, mask)
+            xp = x.reshape(b * t, h) if index is None else x.reshape(b * t, h)[index]
+            counts = [t] * b if mask is None else torch.diff(cu).tolist()
+        else:
+            xp = x
+            if cu is None:
+                n, b = x.shape[0], 1 if cache_seqs is None else len(cache_seqs)
+                if b != 1 and n != b:
+                    fail(ValueError, "x", f"without cu_seqlens is one sequence, or one token for each of the "
+                                          f"{b} cache_seqs", f"{n} rows")
+                counts = [n] if b == 1 else [1] * b
+                cu = torch.arange(b + 1, dtype=torch.int32, device=x.device) * (n // b)
+            else:
+                counts = _host_counts(cu, x)
+        seqs = _cache_slots(cache, cache_seqs, len(counts))
+        held = [cache.lengths[s] for s in seqs]
+        decode = all(c == 1 for c in counts) and any(held)
+        if not decode and any(held):
+            rule = "a call is a prefill (every slot empty) or a decode step (one new token per sequence)"
+            got = f"counts {counts} onto lengths {held}"
+            chunked = [i for i, (n, c) in enumerate(zip(held, counts)) if n and c != 1]
+            if chunked:
+                i = chunked[0]
+                fail(ValueError, "cache", f"{rule}; slot {seqs[i]} holds {held[i]} tokens and gets {counts[i]}: "
+                                          "chunked prefill onto a cached prefix is not supported (the prefill kernels "
+                                          "take no query offset): decode it token by token, or release the slot and "
+                                          "prefill the whole sequence", got)
+            i, j = next(i for i, n in enumerate(held) if n), next(j for j, c in enumerate(counts) if c != 1)
+            fail(ValueError, "cache", f"{rule}; slot {seqs[j]} gets {counts[j]} tokens (a prefill) while slot "
+                                      f"{seqs[i]} holds {held[i]} (a decode step): run them in separate calls", got)
+        cache.check_append(seqs, counts)
+        if decode:
+            out, parts = self._decode(xp, cache, seqs, return_parts)
+        else:
+            def write(k, v, k_cmp, v_cmp, k_src, v_src):
+                cache.append(seqs, k, v, counts, source=(k_src, v_src), compressed=(k_cmp, v_cmp))
+
+            out, parts = self._packed(xp, cu, on_rows=write)
+        if x.dim() == 3:
+            if index is None:
+                return (out.view(x.shape[0], x.shape[1], -1), parts) if return_parts else \
+                    out.view(x.shape[0], x.shape[1], -1)
+            return self._unpack(out, parts, index, x.shape, return_parts)
+        return (out, parts) if return_parts else out
+
+    def _decode(self, x: Tensor, cache, seqs: list[int], return_parts: bool) -> tuple[Tensor, dict]:
+        """One new token per sequence (x ``[B, hidden]``) through the cache."""
+        from fsagen import decode
+
+        spec, b = self.spec, x.shape[0]
+        q, k, v, gates, work = self._project(x)
+        pos = torch.tensor([cache.lengths[s] for s in seqs], dtype=torch.int64, device=x.device)
+        k_src, v_src = k.to(work), v.to(work)
+        if self.rope_theta is not None:
+            q, k = rotary(q, pos, self.rope_theta), rotary(k, pos, self.rope_theta)
+        kd = self.kernel_dtype
+        cache.append(seqs, k.to(kd), v.to(kd), [1] * b, source=(k_src, v_src))
+        res = decode.nsa_decode(q.to(kd), cache, seqs, gates, block_size=spec.block_size, topk=spec.topk,
+                                init_blocks=spec.init_blocks, local_blocks=spec.local_blocks,
+                                window_size=spec.window_size, return_parts=return_parts)
+        o, parts = res if return_parts else (res, {})
+        parts = dict(parts, positions=pos)
+        return self.o_proj(o.reshape(b, spec.num_q_heads * spec.head_dim).to(q.dtype)), parts
+
+
+def _host_counts(cu: Tensor, x: Tensor) -> list[int]:
+    """Tokens per sequence of packed x, read from ``cu_seqlens`` on the host (checked)."""
+    check_tensor("cu_seqlens", cu)
+    if cu.device != x.device:
+        fail(ValueError, "cu_seqlens", f"must be on x's device {x.device}", cu.device)
+    if cu.dtype != torch.int32 or cu.dim() != 1 or cu.shape[0] < 2:
+        fail(ValueError, "cu_seqlens", "must be int32 [B + 1] with B >= 1", f"{cu.dtype} {tuple(cu.shape)}")
+    offsets = cu.tolist()
+    if offsets[0] != 0 or offsets[-1] != x.shape[0] or any(b < a for a, b in zip(offsets, offsets[1:])):
+        fail(ValueError, "cu_seqlens", f"must run non-decreasing from 0 to N={x.shape[0]}", offsets)
+    return [b - a for a, b in zip(offsets, offsets[1:])]
+
+
+def _cache_slots(cache, cache_seqs, batch: int) -> list[int]:
+    """The cache slots of the batch's sequences (checked: ints in range, distinct, one per sequence)."""
+    seqs = list(range(batch)) if cache_seqs is None else cache_seqs
+    if isinstance(seqs, Tensor):
+        seqs = seqs.tolist()
+    if not isinstance(seqs, (list, tuple, range)) or len(seqs) != batch:
+        fail(ValueError, "cache_seqs", f"must list one cache slot per sequence of the batch ({batch})", seqs)
+    seqs = [cache._slot(s) for s in seqs]  # IndexError out of range
+    if len(set(seqs)) != len(seqs):
+        fail(ValueError, "cache_seqs", "must not repeat a slot", seqs)
+    return seqs
 
 
 def _packing(mask: Tensor) -> tuple[Tensor, Tensor]:

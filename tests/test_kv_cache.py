@@ -129,8 +129,7 @@ def test_decode_from_the_cache_equals_the_last_prefill_row(length):
     gives the prefill reference's last row."""
     g = 2
     branch = dict(kernel_size=KS, stride=S, block_size=64, topk=4, init_blocks=1, local_blocks=2, window_size=40)
-    def reference_pool(k_span, v_span):  # fsagen.compress takes no float64: the reference pools
-        cu = torch.tensor([0, k_span.shape[0]], dtype=torch.int32)
+    def reference_pool(k_span, v_span, cu, starts):  # fsagen.compress takes no float64: the reference pools
         return compress_reference(k_span, v_span, cu, KS, S, "mean")[:2]
 
     c = NSAKVCache(1, 20, PAGE, 320, HKV, D, kernel_size=KS, stride=S, dtype=torch.float64,
@@ -146,3 +145,97 @@ def test_decode_from_the_cache_equals_the_last_prefill_row(length):
     kc, vc = c.compressed(0)
     o = nsa_decode_reference(q[-1:], kr, vr, kc, vc, torch.tensor([length - 1]), gates[-1:], **branch)
     torch.testing.assert_close(o, o_full[-1:], rtol=1e-9, atol=1e-11)
+
+
+# --------------------------------------------------------------------------- source rows (source_dtype)
+
+
+def _source_cache(calls, num_pages=40, max_len=300):
+    """A bf16 cache pooling windows from float32 source rows with the reference mean, plus each
+    window's start position added to its k (so a wrong start shows), recording every call."""
+    def pool(k, v, cu, starts):
+        calls.append((k.dtype, cu.tolist(), starts.tolist()))
+        k_c, v_c, _ = compress_reference(k, v, cu, KS, S, "mean")
+        return k_c + starts[:, None, None], v_c
+
+    return NSAKVCache(3, num_pages, PAGE, max_len, HKV, D, kernel_size=KS, stride=S, dtype=torch.bfloat16,
+                      compress_fn=pool, source_dtype=torch.float32)
+
+
+def test_source_rows_are_pooled_in_batched_calls_across_appends():
+    calls = []
+    c = _source_cache(calls)
+    src = {s: _rows(n, 10 + s) for s, n in enumerate((90, 60, 33))}
+    at = {0: 0, 1: 0, 2: 0}
+    steps = [([0, 1], [40, 17]), ([0, 1, 2], [1, 1, 31]), ([2, 0], [1, 15]), ([0, 1, 2], [34, 42, 1])]
+    for seqs, counts in steps:
+        ks = [src[s][0][at[s]:at[s] + n] for s, n in zip(seqs, counts)]
+        vs = [src[s][1][at[s]:at[s] + n] for s, n in zip(seqs, counts)]
+        k, v = torch.cat(ks), torch.cat(vs)
+        c.append(seqs, (2 * k).bfloat16(), v.bfloat16(), counts, source=(k, v))  # pages hold something else
+        for s, n in zip(seqs, counts):
+            at[s] += n
+    # one call per append that completes windows (the second completes none), every sequence in it
+    assert len(calls) == 3 and all(dtype == torch.float32 for dtype, _, _ in calls)
+    assert calls[1][1:] == ([0, 32, 64], [0, 16])  # seq 2 completes window 0, then seq 0 window 1 (start 16)
+    for s, (k, v) in src.items():
+        ref_k, ref_v, cu_c = compress_reference(k, v, torch.tensor([0, k.shape[0]], dtype=torch.int32), KS, S, "mean")
+        ref_k = ref_k + (torch.arange(ref_k.shape[0]) * S).double()[:, None, None]
+        ck, cv = c.compressed(s)
+        assert torch.equal(ck, ref_k.bfloat16()) and torch.equal(cv, ref_v.bfloat16()), s
+        assert torch.equal(c.raw(s)[0], (2 * k).bfloat16())
+        assert torch.equal(c.src_k[s, torch.arange(k.shape[0] - KS, k.shape[0]) % KS], k[-KS:])  # the ring
+
+
+def test_source_rows_in_a_narrower_dtype_reach_the_hook_in_it():
+    calls = []
+    c = _source_cache(calls)
+    k, v = _rows(KS, 3, torch.bfloat16)
+    c.append([1], k, v, [KS], source=(k, v))
+    assert calls[0][0] == torch.bfloat16
+    assert torch.equal(c.src_k[1].bfloat16(), k)
+
+
+def test_precomputed_compressed_tokens_skip_the_hook():
+    calls = []
+    c = _source_cache(calls)
+    k, v = _rows(50, 4)
+    k_c, v_c = _rows(2, 5, torch.bfloat16)  # 50 rows complete windows 0 and 1
+    c.append([0], k.bfloat16(), v.bfloat16(), [50], source=(k, v), compressed=(k_c, v_c))
+    assert not calls and torch.equal(c.compressed(0)[0], k_c) and torch.equal(c.compressed(0)[1], v_c)
+    k2, v2 = _rows(14, 6)  # rows 50..63 complete window 2 (rows 32..63) from the ring and the new rows
+    c.append([0], k2.bfloat16(), v2.bfloat16(), [14], source=(k2, v2))
+    whole_k, whole_v = torch.cat([k, k2]), torch.cat([v, v2])
+    ref_k, _, _ = compress_reference(whole_k[32:64], whole_v[32:64], torch.tensor([0, 32], dtype=torch.int32), KS, S,
+                                   "mean")
+    assert calls[0][1:] == ([0, 32], [32])
+    assert torch.equal(c.compressed(0)[0][2], (ref_k[0] + 32).bfloat16())
+
+
+@pytest.mark.parametrize("case", ["missing", "page_mode", "too_wide", "shape", "mixed", "compressed_rows",
+                                  "set_pages"])
+def test_bad_source_calls_raise_and_leave_the_cache_unchanged(case):
+    calls = []
+    c = _source_cache(calls)
+    k, v = _rows(20, 0)
+    c.append([0], k.bfloat16(), v.bfloat16(), [20], source=(k, v))
+    before = _state(c) + (c.src_k.clone(),)
+    k2, v2 = _rows(12, 1)  # completes window 0 of sequence 0
+    kb, vb = k2.bfloat16(), v2.bfloat16()
+    page_mode = _cache(dtype=torch.bfloat16)
+    call, err, match = {
+        "missing": (lambda: c.append([0], kb, vb, [12]), ValueError, "pass source="),
+        "page_mode": (lambda: page_mode.append([0], kb, vb, [12], source=(k2, v2)), ValueError,
+                      "pools windows from its pages"),
+        "too_wide": (lambda: c.append([0], kb, vb, [12], source=(k2.double(), v2.double())), ValueError,
+                     "not held exactly"),
+        "shape": (lambda: c.append([0], kb, vb, [12], source=(k2[:11], v2)), ValueError, r"source\[0\] must be"),
+        "mixed": (lambda: c.append([0], kb, vb, [12], source=(k2, v2.bfloat16())), ValueError, "share a dtype"),
+        "compressed_rows": (lambda: c.append([0], kb, vb, [12], source=(k2, v2), compressed=(kb[:2], vb[:2])),
+                            ValueError, "the 1 compressed tokens"),
+        "set_pages": (lambda: c.set_pages(1, [5], 10), ValueError, "pools windows from source rows"),
+    }[case]
+    with pytest.raises(err, match=match):
+        call()
+    assert _same(before, _state(c)) and torch.equal(before[-1], c.src_k) and not calls
+    assert page_mode.lengths == [0, 0, 0]

@@ -1,0 +1,47 @@
+"""A float64 stand-in for ``fsagen.decode.nsa_decode`` on CPU tensors, for the layer's cache tests.
+
+The decode kernel has no CPU spelling yet, so CPU tests install this function as
+``fsagen.decode.nsa_decode`` (fixture ``standin_decode``). It has the kernel's contract: the gated
+NSA output of the newest cached token of each sequence, from the cache's contents alone (raw rows
+from the pages, compressed tokens from the compressed store), computed by
+:func:`fsagen.reference_decode.nsa_decode_reference` and returned in the gates' dtype. Because it reads
+only what the cache holds, a layer that wrote the cache wrongly gets the wrong answer.
+"""
+import pytest
+import torch
+
+from fsagen.reference_decode import nsa_decode_reference
+
+
+def nsa_decode_standin(q, cache, seqs, gates, *, block_size, topk, init_blocks, local_blocks, window_size,
+                       scale=None, return_parts=False):
+    outs, parts = [], []
+    for b, s in enumerate(seqs):
+        k, v = cache.raw(s)
+        k_cmp, v_cmp = cache.compressed(s)
+        pos = torch.tensor([cache.lengths[s] - 1], device=q.device)
+        o, p = nsa_decode_reference(q[b:b + 1], k, v, k_cmp, v_cmp, pos, gates[b:b + 1], kernel_size=cache.kernel_size,
+                                    stride=cache.stride, block_size=block_size, topk=topk, init_blocks=init_blocks,
+                                    local_blocks=local_blocks, window_size=window_size, scale=scale,
+                                    return_parts=True)
+        outs.append(o)
+        parts.append(p)
+    o = torch.cat(outs).to(gates.dtype)
+    if not return_parts:
+        return o
+    return o, {"topk_idx": torch.cat([p["topk_idx"] for p in parts], dim=1)}
+
+
+@pytest.fixture
+def standin_decode(monkeypatch):
+    """``fsagen.decode.nsa_decode`` replaced by the float64 stand-in; returns its call log."""
+    import fsagen.decode
+
+    calls = []
+
+    def logged(q, cache, seqs, gates, **kw):
+        calls.append(list(seqs))
+        return nsa_decode_standin(q, cache, seqs, gates, **kw)
+
+    monkeypatch.setattr(fsagen.decode, "nsa_decode", logged, raising=False)
+    return calls
