@@ -8,7 +8,12 @@ A small randomly initialised ``LlamaForCausalLM`` is built, every decoder layer'
    loss of the same batch is printed before and after the step);
 2. greedy generation of ``--new-tokens`` tokens with ``model.generate(do_sample=False,
    use_cache=False)``: no KV cache, every step runs the whole prefix again through fsagen (the
-   prefill), checked against a hand-written greedy loop doing the same.
+   prefill), checked against a hand-written greedy loop doing the same;
+3. greedy generation with the KV cache (:class:`NSAModelCache`, one :class:`fsagen.NSAKVCache` per
+   layer): the left-padded prompts of different lengths are prefilled through fsagen into the
+   cache (varlen prefill), then every step runs one token per sequence through the cache
+   (batched decode, :func:`fsagen.decode.nsa_decode`); checked token for token against the
+   recomputing loop of 2.
 
 How the swap works (transformers 5.x, tested with 5.18.0):
 
@@ -25,8 +30,13 @@ How the swap works (transformers 5.x, tested with 5.18.0):
   unchanged (instead of a 4-D additive mask); the layer packs the real tokens of each row (left or
   right padding) into a varlen batch.  The registered attention function itself is never called by
   a swapped layer: it raises if a layer was left unswapped.
-* Not supported (clear errors): a KV cache (``past_key_values``; generate with ``use_cache=False``),
-  4-D masks, several sequences packed in one row (``position_ids`` that restart).
+* KV cache: pass an :class:`NSAModelCache` as ``past_key_values`` (with the growing ``[B, T]``
+  padding mask, as generation keeps it).  It answers the few questions the model asks a cache (seen
+  length, mask sizes) and hands each layer its own ``NSAKVCache``; the layer rotates the new token
+  at its row's own cached length, so left padding costs no position.
+* Not supported (clear errors): transformers' own caches (``DynamicCache``; generate with
+  ``use_cache=False``, or use :func:`greedy_with_cache`), 4-D masks, several sequences packed in one
+  row (``position_ids`` that restart).
 
 Needs a CUDA GPU with the sm90 kernels (D = hidden / heads = 64 and G = 4 at the defaults: in the
 default grid and in ``bench/grids/layer_gpu.toml``) and ``transformers`` (``pip install
@@ -107,10 +117,16 @@ class NSALlamaAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
                 past_key_values=None, position_ids=None, **kwargs):
         """``(output [B, T, hidden], None)`` like ``LlamaAttention``; ``position_embeddings`` are not used
-        (the layer rotates by each token's position within its sequence, see the module docstring)."""
-        if past_key_values is not None or kwargs.get("past_key_value") is not None:
-            fail(NotImplementedError, "past_key_values", "NSALlamaAttention keeps no KV cache: run the model with "
-                                                         "use_cache=False (generate(..., use_cache=False))", "a cache")
+        (the layer rotates by each token's position within its sequence, see the module docstring).
+        With an :class:`NSAModelCache` as ``past_key_values``: a prefill (empty cache) or a decode step
+        (one new token per row) through this layer's ``NSAKVCache``; the mask's last T columns are the
+        new tokens'."""
+        if kwargs.get("past_key_value") is not None or \
+                (past_key_values is not None and not isinstance(past_key_values, NSAModelCache)):
+            fail(NotImplementedError, "past_key_values", "NSALlamaAttention keeps its keys in an NSAModelCache only: "
+                                                         "pass one (greedy_with_cache does), or run the model with "
+                                                         "use_cache=False (generate(..., use_cache=False))",
+                 type(past_key_values or kwargs.get("past_key_value")).__name__)
         if attention_mask is not None and attention_mask.dim() != 2:
             fail(ValueError, "attention_mask", f"NSALlamaAttention takes the 2-D [B, T] padding mask; build the model's "
                                                f"masks with attn_implementation={ATTN_IMPLEMENTATION!r} (use_nsa does "
@@ -118,7 +134,59 @@ class NSALlamaAttention(nn.Module):
         if attention_mask is None and position_ids is not None and bool((position_ids.diff(dim=-1) < 0).any()):
             fail(ValueError, "position_ids", "restart inside a row (several sequences packed in one row): not "
                                              "supported, pass a padded batch with an attention_mask", "a restart")
+        if past_key_values is not None:
+            t = hidden_states.shape[1]
+            mask = None if attention_mask is None else attention_mask[:, -t:]
+            out = self.nsa(hidden_states, attention_mask=mask, cache=past_key_values.for_layer(self.layer_idx),
+                           cache_seqs=past_key_values.seqs)
+            past_key_values.advance(self.layer_idx, t)
+            return out, None
         return self.nsa(hidden_states, attention_mask=attention_mask), None
+
+
+class NSAModelCache:
+    """The KV caches of a model's NSA layers for a batch of ``batch`` rows of up to ``max_len`` tokens,
+    passed to the model as ``past_key_values``: layer i keeps its keys in ``caches[i]`` (an
+    :class:`fsagen.NSAKVCache` from its layer's ``new_cache``; ``cache_kwargs`` go there), row b in
+    slot b.
+
+    ``seen`` counts the columns of the batch seen so far (the width of the padding mask that the
+    next call extends): the model asks it for the mask sizes and positions (which the NSA layers do
+    not use: they rotate by each row's cached length).  The first NSA layer of a call advances it
+    once its step succeeded (a call it refuses leaves every cache as it was).
+    """
+
+    is_compileable = False
+
+    def __init__(self, model, batch: int, max_len: int, **cache_kwargs):
+        self.caches = {i: layer.self_attn.nsa.new_cache(batch, max_len, **cache_kwargs)
+                       for i, layer in enumerate(model.model.layers) if isinstance(layer.self_attn, NSALlamaAttention)}
+        if not self.caches:
+            fail(ValueError, "model", "has no NSALlamaAttention layer (call use_nsa(model) first)", type(model).__name__)
+        self.seqs = list(range(batch))
+        self.seen = 0
+        self._first = min(self.caches)
+
+    def for_layer(self, layer_idx: int):
+        """Layer ``layer_idx``'s cache."""
+        if layer_idx not in self.caches:
+            fail(KeyError, "layer_idx", f"has no cache here (NSA layers {sorted(self.caches)})", layer_idx)
+        return self.caches[layer_idx]
+
+    def advance(self, layer_idx: int, new_tokens: int) -> None:
+        """Layer ``layer_idx`` took a call of ``new_tokens`` columns (counted once, by the first layer)."""
+        if layer_idx == self._first:
+            self.seen += new_tokens
+
+    # what transformers asks of a cache
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.seen + query_length, 0
 
 
 def _padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
@@ -149,7 +217,8 @@ def register() -> None:
 def use_nsa(model, **nsa_fields):
     """Replace every decoder layer's ``self_attn`` of a Llama model by :class:`NSALlamaAttention` (keeping the
     projection weights), switch the model to :data:`ATTN_IMPLEMENTATION` and turn its KV cache off
-    (``use_cache = False`` in its config and generation config: the adapter has none).  Returns the model."""
+    (``use_cache = False`` in its config and generation config: transformers' own caches do not fit the adapter;
+    pass an :class:`NSAModelCache` to use one).  Returns the model."""
     register()
     for layer in model.model.layers:
         layer.self_attn = NSALlamaAttention.from_llama_attention(layer.self_attn, **nsa_fields)
@@ -258,6 +327,27 @@ def greedy_by_hand(model, ids, mask, new_tokens: int, device_type: str):
 
 
 @torch.no_grad()
+def greedy_with_cache(model, ids, mask, new_tokens: int, device_type: str, **cache_kwargs):
+    """Greedy decoding with the KV cache: the left-padded prompts ``ids``, ``mask [B, T]`` are
+    prefilled through fsagen into an :class:`NSAModelCache` (one varlen prefill per layer), then each
+    step feeds one token per row through the cache (a batched decode step per layer).  Returns the
+    tokens ``[B, T + new_tokens]`` and the smallest gap between the two best logits of a step."""
+    model.eval()
+    cache = NSAModelCache(model, ids.shape[0], ids.shape[1] + new_tokens, **cache_kwargs)
+    gap, step_ids, out = float("inf"), ids, [ids]
+    for step in range(new_tokens):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            logits = model(input_ids=step_ids, attention_mask=mask, past_key_values=cache, use_cache=True,
+                           logits_to_keep=1).logits[:, -1].float()
+        top2 = logits.topk(2, dim=-1).values
+        gap = min(gap, float((top2[:, 0] - top2[:, 1]).min()))
+        step_ids = logits.argmax(-1, keepdim=True)
+        out.append(step_ids)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+    return torch.cat(out, dim=1), gap
+
+
+@torch.no_grad()
 def generate(model, ids, mask, new_tokens: int, device_type: str):
     """``model.generate`` greedy, without a KV cache (each step recomputes the prefix through fsagen)."""
     model.eval()
@@ -281,10 +371,27 @@ def run(args, device) -> dict:
     generated = generate(model, prompt, prompt_mask, args.new_tokens, device_type)
     gen_s = time.perf_counter() - t0
     by_hand, gap = greedy_by_hand(model, prompt, prompt_mask, args.new_tokens, device_type)
+    _sync(device_type)
+    t0 = time.perf_counter()
+    cached, cache_gap = greedy_with_cache(model, prompt, prompt_mask, args.new_tokens, device_type)
+    _sync(device_type)
+    cache_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    greedy_by_hand(model, prompt, prompt_mask, args.new_tokens, device_type)  # timed as cached's baseline
+    _sync(device_type)
+    recompute_s = time.perf_counter() - t0
     return dict(params=sum(p.numel() for p in model.parameters()), loss_before=before.item(), loss_after=after.item(),
                 train_s=train_s, generate_s=gen_s, new_tokens=generated[:, args.prompt_len:].tolist(),
                 by_hand=by_hand[:, args.prompt_len:].tolist(), agree=torch.equal(generated, by_hand), gap=gap,
+                cached=cached[:, args.prompt_len:].tolist(), cache_agree=torch.equal(cached, by_hand),
+                cache_gap=min(gap, cache_gap), cache_s=cache_s, recompute_s=recompute_s,
+                prompt_lengths=prompt_mask.sum(1).tolist(),
                 nsa_layers=sum(isinstance(m, NSALlamaAttention) for m in model.modules()))
+
+
+def _sync(device_type: str) -> None:
+    if device_type == "cuda":
+        torch.cuda.synchronize()
 
 
 def report(args, res: dict, device_name: str) -> str:
@@ -303,7 +410,14 @@ def report(args, res: dict, device_name: str) -> str:
              f"  - generate(): {res['new_tokens']}",
              f"  - hand-written greedy loop: {res['by_hand']}",
              f"  - identical: {'yes' if res['agree'] else 'NO'} (smallest gap between the two best logits of a "
-             f"step: {res['gap']:.3g}; below {NEAR_TIE} a rounding difference may flip the argmax)"]
+             f"step: {res['gap']:.3g}; below {NEAR_TIE} a rounding difference may flip the argmax)",
+             f"- greedy generation with the KV cache (prompts of {res['prompt_lengths']} real tokens, left-padded, "
+             f"prefilled through fsagen into an NSAKVCache per layer; then one token per row per step through "
+             f"fsagen.decode.nsa_decode): {args.new_tokens} new tokens in {res['cache_s']:.2f} s (recomputing the "
+             f"prefix each step: {res['recompute_s']:.2f} s)",
+             f"  - with the cache: {res['cached']}",
+             f"  - identical to the recomputing loop: {'yes' if res['cache_agree'] else 'NO'} (smallest gap between "
+             f"the two best logits of a step in either run: {res['cache_gap']:.3g})"]
     return "\n".join(lines) + "\n"
 
 
@@ -324,6 +438,9 @@ def main(argv=None) -> int:
         problems.append("the loss did not fall after the training step")
     if not res["agree"] and res["gap"] >= NEAR_TIE:
         problems.append("generate() and the greedy loop differ with no near-tie to explain it")
+    if not res["cache_agree"] and res["cache_gap"] >= NEAR_TIE:
+        problems.append("greedy generation with the KV cache differs from recomputing the prefix with no near-tie "
+                        "to explain it")
     print("OK" if not problems else "CHECK: " + "; ".join(problems))
     return 0 if not problems else 3
 
