@@ -1,0 +1,140 @@
+"""NativeSparseAttention with a KV cache on the GPU: prefill into the cache, then decode steps
+through the real decode kernels (``fsagen.decode.nsa_decode``), against the float64 layer oracle
+and the layer's own full prefill.
+
+A varlen batch is prefilled with prompts at and just past the compression-window ends
+(``kernel_size + i * stride``), the block ends and ``topk * block_size`` (where selection really
+chooses), then every sequence decodes ``STEPS`` tokens, one per step, batched. Each step's output
+is compared with the last row of the float64 oracle over the whole prefix, given the decode's own
+selection for that row (near-ties may select differently in float32 than in float64; with the same
+selection everything else is compared exactly) and with the last row of a prefill of the whole
+prefix (bf16 kernels both). How often the decode's selection equals the prefill kernel's
+(``sel_agree``) is reported, not asserted. At the end, the cache's compressed tokens (windows
+completed during decode were pooled by the layer's hook from the unrotated keys) are compared
+with those a prefill of the whole sequences writes.
+
+The llama case runs examples/llama_nsa.py's greedy generation with the cache against the loop that
+recomputes the whole prefix every step. Kernels: the default grid (slc 64/16, sel 64/32/16/16,
+cmp, swa, comp, dec G in 1, 4, 16 at page size 64).
+"""
+import importlib.util
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fsagen.nn import NativeSparseAttention
+from fsagen.reference_layer import nsa_layer_reference
+from fsagen.testing import log_errors, rel_err
+
+pytestmark = pytest.mark.gpu
+
+REPO = Path(__file__).resolve().parents[2]
+TOL = 2e-2
+HKV, D, HIDDEN = 2, 64, 256
+LAYER = dict(block_size=64, topk=16, kernel_size=32, stride=16, window_size=128, init_blocks=1, local_blocks=2)
+# prompts: one short of the first window, at window ends (32 + 16 i: 47 -> 48), one short of and at
+# a block end (63, 64), past 2 blocks, and past topk * block_size = 1024 (1023 -> 1024 crosses it)
+PROMPTS = (1, 31, 47, 63, 64, 129, 1023, 1300)
+STEPS = 3
+FIELDS = ("out_vs_oracle", "out_vs_prefill", "sel_agree", "cmp_equal")
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setenv("FSAGEN_POISON", "1")
+
+
+def _seed() -> int:
+    return time.time_ns() % 2**31
+
+
+def _layer(G, kind, gate, seed):
+    torch.manual_seed(seed)
+    m = NativeSparseAttention(hidden_size=HIDDEN, num_q_heads=HKV * G, num_kv_heads=HKV, head_dim=D, compression=kind,
+                              gate=gate, rope_theta=10000.0, bias=True, device="cuda", **LAYER)
+    with torch.no_grad():  # move the compression parameters away from their mean-pooling start
+        for p in m.compression_params.values():
+            p.add_(torch.randn_like(p) * p.abs().mean().clamp_min(0.02))
+    return m
+
+
+def _cu(lengths):
+    return torch.tensor((0,) + tuple(lengths), device="cuda").cumsum(0).to(torch.int32)
+
+
+def _sorted_sel(t):
+    return t.sort(dim=-1).values
+
+
+@pytest.mark.parametrize("kind,gate,autocast", [("mean", "per_head", False), ("linear", "per_token", False),
+                                                ("weighted", "per_head", True)])
+@pytest.mark.parametrize("G", [1, 4, 16])
+@torch.no_grad()
+def test_layer_decode_matches_the_oracle_and_the_prefill(G, kind, gate, autocast):
+    seed = _seed()
+    m = _layer(G, kind, gate, seed)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    xs = [torch.randn(p + STEPS, HIDDEN, device="cuda", generator=gen) for p in PROMPTS]
+    cache = m.new_cache(len(PROMPTS), max(PROMPTS) + STEPS)
+    b = len(PROMPTS)
+    case = f"G={G} D={D} {kind} {gate} autocast={autocast} prompts={PROMPTS} seed={seed}"
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        m(torch.cat([x[:p] for x, p in zip(xs, PROMPTS)]), _cu(PROMPTS), cache=cache)
+        for i in range(STEPS):
+            lengths = [p + i + 1 for p in PROMPTS]
+            out, parts = m(torch.stack([x[n - 1] for x, n in zip(xs, lengths)]), cache=cache, cache_seqs=range(b),
+                           return_parts=True)
+            assert out.isfinite().all(), case
+            x_all, cu = torch.cat([x[:n] for x, n in zip(xs, lengths)]), _cu(lengths)
+            last = cu[1:].long() - 1
+            full, fparts = m(x_all, cu, return_parts=True)
+            # the oracle with the prefill kernel's selection, the decode's for the last rows
+            sel = fparts["topk_idx"].clone()
+            sel[:, last] = parts["topk_idx"].to(sel.dtype)
+            with torch.autocast("cuda", enabled=False):
+                oracle = nsa_layer_reference(m, x_all, cu, topk_idx=sel)[last]
+            agree = (_sorted_sel(fparts["topk_idx"][:, last]) == _sorted_sel(parts["topk_idx"])).all(-1)
+            errs = {"out_vs_oracle": max(rel_err(out[j], oracle[j]) for j in range(b)),
+                    "out_vs_prefill": max([rel_err(out[j], full[last[j]]) for j in range(b) if agree[:, j].all()],
+                                          default=0.0),
+                    "sel_agree": agree.double().mean().item()}
+            log_errors("layer-cache-gpu", f"{case} step {i}", errs, FIELDS)
+            # under autocast the layer's projections run in bf16 too, which the float64 oracle does not
+            assert errs["out_vs_oracle"] < (2 * TOL if autocast else TOL) and errs["out_vs_prefill"] < TOL, \
+                f"{case} step {i}: {errs}"
+        whole = m.new_cache(b, max(PROMPTS) + STEPS)
+        m(torch.cat(xs), _cu([x.shape[0] for x in xs]), cache=whole)
+    equal = []
+    for s in range(b):
+        assert cache.lengths[s] == whole.lengths[s]
+        assert torch.equal(cache.raw(s)[1], whole.raw(s)[1])  # v is never rotated: the same rows
+        for got, want in zip(cache.compressed(s), whole.compressed(s)):
+            if got.numel():
+                assert rel_err(got, want) < 1e-2, f"{case}: compressed tokens of slot {s}"
+            equal.append(torch.equal(got, want))
+    log_errors("layer-cache-gpu", f"{case} compressed store", {"cmp_equal": sum(equal) / len(equal)}, FIELDS)
+
+
+@pytest.fixture(scope="module")
+def ex():
+    spec = importlib.util.spec_from_file_location("llama_nsa", REPO / "examples" / "llama_nsa.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_llama_greedy_with_the_cache_equals_recomputing(ex):
+    pytest.importorskip("transformers")
+    args = ex.parse_args(["--hidden", "512", "--layers", "4", "--heads", "8", "--kv-heads", "2", "--batch", "3",
+                          "--pad", "300", "--prompt-len", "1100", "--new-tokens", "12"])
+    model = ex.build_model(args, "cuda").eval()
+    ids, mask = ex.left_padded_batch(args, args.prompt_len, torch.Generator().manual_seed(3), "cuda")
+    recomputed, gap = ex.greedy_by_hand(model, ids, mask, args.new_tokens, "cuda")
+    cached, cache_gap = ex.greedy_with_cache(model, ids, mask, args.new_tokens, "cuda")
+    gap = min(gap, cache_gap)
+    case = f"llama greedy with cache, prompts {mask.sum(1).tolist()}, {args.new_tokens} new tokens"
+    print(f"\n[{case}] recomputed {recomputed[:, args.prompt_len:].tolist()} cached "
+          f"{cached[:, args.prompt_len:].tolist()} smallest gap {gap:.3g}")
+    assert torch.equal(cached, recomputed) or gap < ex.NEAR_TIE, f"{case}: differ with no near-tie (gap {gap})"
