@@ -13,51 +13,26 @@ prefix (bf16 kernels both). How often the decode's selection equals the prefill 
 completed during decode were pooled by the layer's hook from the unrotated keys) are compared
 with those a prefill of the whole sequences writes.
 
-The llama case runs examples/llama_nsa.py's greedy generation with the cache against the loop that
-recomputes the whole prefix every step. Kernels: the default grid (slc 64/16, sel 64/32/16/16,
-cmp, swa, comp, dec G in 1, 4, 16 at page size 64).
+Kernels: the default grid (slc 64/16, sel 64/32/16/16, cmp, swa, comp, dec G in 1, 4, 16 at
+page size 64). tests/gpu/test_llama_cache_gpu.py runs the llama example's greedy generation with
+the cache.
 """
-import importlib.util
-import time
-from pathlib import Path
-
 import pytest
 import torch
 
-from fsagen.nn import NativeSparseAttention
 from fsagen.reference_layer import nsa_layer_reference
 from fsagen.testing import log_errors, rel_err
+from test_nsa_gpu import D, HIDDEN, TOL, _layer, _poison, _seed  # noqa: F401  (_poison: autouse fixture)
 
 pytestmark = pytest.mark.gpu
 
-REPO = Path(__file__).resolve().parents[2]
-TOL = 2e-2
-HKV, D, HIDDEN = 2, 64, 256
-LAYER = dict(block_size=64, topk=16, kernel_size=32, stride=16, window_size=128, init_blocks=1, local_blocks=2)
-# prompts: one short of the first window, at window ends (32 + 16 i: 47 -> 48), one short of and at
+# the layer of test_nsa_gpu: Hkv = 2, D = 64, block_size 64, topk 16, kernel_size 32, stride 16,
+# window 128, init_blocks 1, local_blocks 2, bias, rotary; compression parameters off their start.
+# Prompts: one short of the first window, at window ends (32 + 16 i: 47 -> 48), one short of and at
 # a block end (63, 64), past 2 blocks, and past topk * block_size = 1024 (1023 -> 1024 crosses it)
 PROMPTS = (1, 31, 47, 63, 64, 129, 1023, 1300)
 STEPS = 3
 FIELDS = ("out_vs_oracle", "out_vs_prefill", "sel_agree", "cmp_equal")
-
-
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    monkeypatch.setenv("FSAGEN_POISON", "1")
-
-
-def _seed() -> int:
-    return time.time_ns() % 2**31
-
-
-def _layer(G, kind, gate, seed):
-    torch.manual_seed(seed)
-    m = NativeSparseAttention(hidden_size=HIDDEN, num_q_heads=HKV * G, num_kv_heads=HKV, head_dim=D, compression=kind,
-                              gate=gate, rope_theta=10000.0, bias=True, device="cuda", **LAYER)
-    with torch.no_grad():  # move the compression parameters away from their mean-pooling start
-        for p in m.compression_params.values():
-            p.add_(torch.randn_like(p) * p.abs().mean().clamp_min(0.02))
-    return m
 
 
 def _cu(lengths):
@@ -115,26 +90,3 @@ def test_layer_decode_matches_the_oracle_and_the_prefill(G, kind, gate, autocast
                 assert rel_err(got, want) < 1e-2, f"{case}: compressed tokens of slot {s}"
             equal.append(torch.equal(got, want))
     log_errors("layer-cache-gpu", f"{case} compressed store", {"cmp_equal": sum(equal) / len(equal)}, FIELDS)
-
-
-@pytest.fixture(scope="module")
-def ex():
-    spec = importlib.util.spec_from_file_location("llama_nsa", REPO / "examples" / "llama_nsa.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_llama_greedy_with_the_cache_equals_recomputing(ex):
-    pytest.importorskip("transformers")
-    args = ex.parse_args(["--hidden", "512", "--layers", "4", "--heads", "8", "--kv-heads", "2", "--batch", "3",
-                          "--pad", "300", "--prompt-len", "1100", "--new-tokens", "12"])
-    model = ex.build_model(args, "cuda").eval()
-    ids, mask = ex.left_padded_batch(args, args.prompt_len, torch.Generator().manual_seed(3), "cuda")
-    recomputed, gap = ex.greedy_by_hand(model, ids, mask, args.new_tokens, "cuda")
-    cached, cache_gap = ex.greedy_with_cache(model, ids, mask, args.new_tokens, "cuda")
-    gap = min(gap, cache_gap)
-    case = f"llama greedy with cache, prompts {mask.sum(1).tolist()}, {args.new_tokens} new tokens"
-    print(f"\n[{case}] recomputed {recomputed[:, args.prompt_len:].tolist()} cached "
-          f"{cached[:, args.prompt_len:].tolist()} smallest gap {gap:.3g}")
-    assert torch.equal(cached, recomputed) or gap < ex.NEAR_TIE, f"{case}: differ with no near-tie (gap {gap})"
