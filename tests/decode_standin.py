@@ -1,7 +1,7 @@
-"""A float64 stand-in for ``fsagen.decode.nsa_decode`` on CPU tensors, for the layer's cache tests.
+"""A float64 stand-in for ``fsagen.decode.nsa_decode``, and a call log of the real one.
 
-The decode kernel has no CPU spelling yet, so CPU tests install this function as
-``fsagen.decode.nsa_decode`` (fixture ``standin_decode``). It has the kernel's contract: the gated
+Where the prefill glue is replaced by its float64 stubs (shapes the CPU kernels do not take), tests
+install this function as ``fsagen.decode.nsa_decode`` (fixture ``standin_decode``). It has the kernel's contract: the gated
 NSA output of the newest cached token of each sequence, from the cache's contents alone (raw rows
 from the pages, compressed tokens from the compressed store), computed by
 :func:`fsagen.reference_decode.nsa_decode_reference` and returned in the gates' dtype. Because it reads
@@ -32,16 +32,30 @@ def nsa_decode_standin(q, cache, seqs, gates, *, block_size, topk, init_blocks, 
     return o, {"topk_idx": torch.cat([p["topk_idx"] for p in parts], dim=1)}
 
 
-@pytest.fixture
-def standin_decode(monkeypatch):
-    """``fsagen.decode.nsa_decode`` replaced by the float64 stand-in; returns its call log."""
+def _log_calls(monkeypatch, fn):
     import fsagen.decode
 
     calls = []
 
     def logged(q, cache, seqs, gates, **kw):
         calls.append(list(seqs))
-        return nsa_decode_standin(q, cache, seqs, gates, **kw)
+        return fn(q, cache, seqs, gates, **kw)
 
-    monkeypatch.setattr(fsagen.decode, "nsa_decode", logged, raising=False)
+    monkeypatch.setattr(fsagen.decode, "nsa_decode", logged)
     return calls
+
+
+@pytest.fixture
+def standin_decode(monkeypatch):
+    """``fsagen.decode.nsa_decode`` replaced by the float64 stand-in (for shapes the CPU kernels do
+    not take, e.g. with the reference stubs of the prefill glue); returns its call log."""
+    return _log_calls(monkeypatch, nsa_decode_standin)
+
+
+@pytest.fixture
+def decode_log(monkeypatch):
+    """The real ``fsagen.decode.nsa_decode`` (the decode kernels, on CPU tensors through the cpu
+    schedule), its calls logged; returns the log."""
+    import fsagen.decode
+
+    return _log_calls(monkeypatch, fsagen.decode.nsa_decode)

@@ -1,9 +1,8 @@
 """NativeSparseAttention with a KV cache on the CPU: prefill into the cache, then decode steps.
 
-The prefill runs the real kernels through the ``cpu`` schedule (G = 2, D = 32 and the block /
-window sizes of tests/test_cpu_kernels.py, whose artifacts it shares); decode runs
-tests/decode_standin.py (float64, from the cache's contents alone) until the decode kernel runs
-on CPU tensors. Checked:
+The prefill and the decode step run the real kernels through the ``cpu`` schedule (G = 2, D = 32,
+the block / window sizes and the decode page size 16 of tests/test_cpu_kernels.py, whose artifacts
+it shares). Checked:
 
 * the cache's compressed tokens are those of the layer's prefill of the whole sequence (same
   compression kind and parameters, rotary at the window start), bit for bit, for every kind, and
@@ -18,7 +17,7 @@ import copy
 import pytest
 import torch
 
-from decode_standin import standin_decode  # noqa: F401  (fixture)
+from decode_standin import decode_log  # noqa: F401  (fixture)
 from fsagen.kv_cache import NSAKVCache
 from fsagen.nn import NativeSparseAttention
 from fsagen.reference_cmp import compress_reference
@@ -33,6 +32,7 @@ CFG = dict(num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, block_size=BS, topk=4, 
 PROMPTS = [31, 47, 64, 66]
 STEPS = 3  # decode steps: 31 -> 34 crosses the window / block end at 32, 47 -> 50 the window end at 48
 TOL = 2e-2  # bf16 kernels against float64
+PAGE = 16  # the decode kernel of tests/test_cpu_kernels.py
 
 
 def _layer(kind="mean", gate="per_head", rope=10000.0, seed=0):
@@ -66,7 +66,8 @@ def _same(a, b):
 def _prefill_then_decode(layer, xs, prompts, steps, cache=None):
     """Prefill ``xs[b][:prompts[b]]`` into a cache, then ``steps`` decode steps; returns (cache,
     decode outputs ``[steps, B, hidden]``)."""
-    cache = layer.new_cache(len(xs), max(p + steps for p in prompts) + 5) if cache is None else cache
+    if cache is None:
+        cache = layer.new_cache(len(xs), max(p + steps for p in prompts) + 5, page_size=PAGE)
     layer(torch.cat([x[:p] for x, p in zip(xs, prompts)]), _cu(prompts), cache=cache)
     outs = [layer(torch.stack([x[p + i] for x, p in zip(xs, prompts)]), cache=cache, cache_seqs=range(len(xs)))
             for i in range(steps)]
@@ -74,14 +75,14 @@ def _prefill_then_decode(layer, xs, prompts, steps, cache=None):
 
 
 @pytest.mark.parametrize("kind", ["mean", "weighted", "linear"])
-def test_cached_compressed_tokens_equal_the_prefill(standin_decode, kind):
+def test_cached_compressed_tokens_equal_the_prefill(decode_log, kind):
     """Windows completed during decode are pooled from the unrotated keys like the prefill's: the
     cache after prefill + decode equals the cache a prefill of the whole sequences writes."""
     layer = _layer(kind)
     xs = _inputs([p + STEPS for p in PROMPTS])
     stepped, _ = _prefill_then_decode(layer, xs, PROMPTS, STEPS)
-    assert len(standin_decode) == STEPS
-    whole = layer.new_cache(len(xs), 80)
+    assert len(decode_log) == STEPS
+    whole = layer.new_cache(len(xs), 80, page_size=PAGE)
     with torch.no_grad():
         layer(torch.cat(xs), _cu([x.shape[0] for x in xs]), cache=whole)
     for s, x in enumerate(xs):
@@ -104,7 +105,7 @@ def test_cached_compressed_tokens_equal_the_prefill(standin_decode, kind):
 
 
 @pytest.mark.parametrize("gate,rope", [("per_head", 10000.0), ("per_token", None)])
-def test_decode_equals_the_last_row_of_a_full_prefill(standin_decode, gate, rope):
+def test_decode_equals_the_last_row_of_a_full_prefill(decode_log, gate, rope):
     layer = _layer("weighted", gate, rope)
     xs = _inputs([p + STEPS for p in PROMPTS], seed=2)
     _, outs = _prefill_then_decode(layer, xs, PROMPTS, STEPS)
@@ -120,7 +121,7 @@ def test_decode_equals_the_last_row_of_a_full_prefill(standin_decode, gate, rope
             assert rel_err(outs[i, b], kernels[b]) < TOL, (i, b, lengths[b])
 
 
-def test_padded_input_matches_packed(standin_decode):
+def test_padded_input_matches_packed(decode_log):
     layer = _layer("mean")
     xs = _inputs([p + STEPS for p in PROMPTS], seed=3)
     packed, outs = _prefill_then_decode(layer, xs, PROMPTS, STEPS)
@@ -129,7 +130,7 @@ def test_padded_input_matches_packed(standin_decode):
     mask = torch.zeros(len(xs), t, dtype=torch.bool)
     for b, (xb, p) in enumerate(zip(xs, PROMPTS)):  # left padding
         x[b, t - p:], mask[b, t - p:] = xb[:p], True
-    padded = layer.new_cache(len(xs), 80)
+    padded = layer.new_cache(len(xs), 80, page_size=PAGE)
     with torch.no_grad():
         pre = layer(x, attention_mask=mask, cache=padded)
         steps = [layer(torch.stack([xb[p + i] for xb, p in zip(xs, PROMPTS)])[:, None], cache=padded)
@@ -141,11 +142,11 @@ def test_padded_input_matches_packed(standin_decode):
         assert torch.equal(padded.compressed(s)[0], packed.compressed(s)[0])
 
 
-def test_slots_map_sequences_and_empty_slots_decode(standin_decode):
+def test_slots_map_sequences_and_empty_slots_decode(decode_log):
     """cache_seqs picks the slots; a decode step may start an empty slot (its first token)."""
     layer = _layer("mean")
     xs = _inputs([40, 3])
-    cache = layer.new_cache(4, 64)
+    cache = layer.new_cache(4, 64, page_size=PAGE)
     with torch.no_grad():
         layer(xs[0][:39], cache=cache, cache_seqs=[2])
         out = layer(torch.stack([xs[0][39], xs[1][0]]), cache=cache, cache_seqs=[2, 0])
@@ -154,7 +155,7 @@ def test_slots_map_sequences_and_empty_slots_decode(standin_decode):
     assert rel_err(out[0], ref[0]) < TOL and rel_err(out[1], ref[1]) < TOL
 
 
-def test_bad_calls_raise_and_leave_the_cache_unchanged(standin_decode):
+def test_bad_calls_raise_and_leave_the_cache_unchanged(decode_log):
     layer = _layer("mean")
     xs = _inputs([40, 20], seed=4)
     cache = layer.new_cache(3, 48, num_pages=6, page_size=16)
@@ -181,7 +182,8 @@ def test_bad_calls_raise_and_leave_the_cache_unchanged(standin_decode):
         (lambda: layer(one, cache=other(page_size=64, num_pages=2)), ValueError, r"^cache: page_size must divide"),
         (lambda: layer(one, cache=other(compress_fn=None)), ValueError, r"^cache: must pool its windows"),
         (lambda: layer(one, cache=other(source_dtype=None)), ValueError, r"^cache: must pool its windows"),
-        (lambda: layer(one, cache=copy.deepcopy(layer).new_cache(3, 48)), ValueError, r"^cache: must pool"),
+        (lambda: layer(one, cache=copy.deepcopy(layer).new_cache(3, 48, page_size=PAGE)), ValueError,
+         r"^cache: must pool"),
         # slots
         (lambda: layer(one, cache=cache, cache_seqs=[0, 3]), IndexError, "out of range"),
         (lambda: layer(one, cache=cache, cache_seqs=[1, 1]), ValueError, r"^cache_seqs: must not repeat"),
@@ -212,6 +214,6 @@ def test_bad_calls_raise_and_leave_the_cache_unchanged(standin_decode):
         with torch.no_grad():
             layer(one, cache=cache, cache_seqs=[0, 1])
     assert _same(before, _state(cache))
-    assert not standin_decode  # no decode ran
+    assert not decode_log  # no decode ran
     with pytest.raises(ValueError, match=r"^page_size: must divide block_size=32"):
         layer.new_cache(2, 64, page_size=64)

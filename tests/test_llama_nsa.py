@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from decode_standin import standin_decode  # noqa: E402,F401  (fixture)
+from decode_standin import decode_log, standin_decode  # noqa: E402,F401  (fixtures)
 from test_nsa_layer import stub_glue  # noqa: E402,F401  (fixture)
 
 from fsagen.nn import rotary  # noqa: E402
@@ -100,9 +100,9 @@ def test_train_step_and_generate(ex, args, stub_glue, standin_decode):
     assert "identical to the recomputing loop: yes" in text
 
 
-# the real kernels on CPU tensors (the cpu schedule): D = 32, G = 2, the block and window sizes of
-# tests/test_cpu_kernels.py; prompts of 62, 53 and 44 real tokens grow across the window ends at
-# 48 and 64 and the block end at 64
+# the real kernels on CPU tensors (the cpu schedule): D = 32, G = 2, the block and window sizes and
+# the decode page size (16) of tests/test_cpu_kernels.py; prompts of 62, 53 and 44 real tokens grow
+# across the window ends at 48 and 64 and the block end at 64
 KERNEL_ARGS = ["--hidden", "128", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--intermediate", "128",
                "--vocab", "64", "--batch", "3", "--seq-len", "40", "--pad", "9", "--prompt-len", "62",
                "--new-tokens", "6", "--block-size", "32", "--topk", "4", "--kernel-size", "32", "--stride", "16",
@@ -110,26 +110,26 @@ KERNEL_ARGS = ["--hidden", "128", "--layers", "2", "--heads", "4", "--kv-heads",
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_greedy_with_the_cache_equals_recomputing_the_prefix(ex, standin_decode, seed):
-    """Prefill through the CPU kernels into the caches, then batched decode steps (the float64
-    stand-in decode): the same tokens as rerunning the whole prefix through the kernels each step."""
+def test_greedy_with_the_cache_equals_recomputing_the_prefix(ex, decode_log, seed):
+    """Prefill through the CPU kernels into the caches, then batched decode steps through the
+    decode kernels: the same tokens as rerunning the whole prefix through the kernels each step."""
     args = ex.parse_args(KERNEL_ARGS + ["--seed", str(seed)])
     model = ex.build_model(args, "cpu").eval()
     ids, mask = ex.left_padded_batch(args, args.prompt_len, torch.Generator().manual_seed(seed), "cpu")
     recomputed, _ = ex.greedy_by_hand(model, ids, mask, args.new_tokens, "cpu")
-    cached, _ = ex.greedy_with_cache(model, ids, mask, args.new_tokens, "cpu")
+    cached, _ = ex.greedy_with_cache(model, ids, mask, args.new_tokens, "cpu", page_size=16)
     assert cached.shape == (3, 62 + 6)
     assert torch.equal(cached, recomputed), (cached[:, 62:].tolist(), recomputed[:, 62:].tolist())
-    assert len(standin_decode) == 2 * 5 and all(seqs == [0, 1, 2] for seqs in standin_decode)
+    assert len(decode_log) == 2 * 5 and all(seqs == [0, 1, 2] for seqs in decode_log)
 
 
-def test_model_cache_bookkeeping_and_errors(ex, standin_decode):
+def test_model_cache_bookkeeping_and_errors(ex, decode_log):
     from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
     args = ex.parse_args(KERNEL_ARGS)
     model = ex.build_model(args, "cpu").eval()
-    cache = ex.NSAModelCache(model, 3, 70)
-    assert sorted(cache.caches) == [0, 1] and cache.caches[0].page_size == 32 and cache.caches[1].max_len == 70
+    cache = ex.NSAModelCache(model, 3, 70, page_size=16)
+    assert sorted(cache.caches) == [0, 1] and cache.caches[0].page_size == 16 and cache.caches[1].max_len == 70
     ids, mask = ex.left_padded_batch(args, 20, torch.Generator().manual_seed(0), "cpu")
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
@@ -137,7 +137,7 @@ def test_model_cache_bookkeeping_and_errors(ex, standin_decode):
         assert cache.caches[1].lengths == mask.sum(1).tolist() == [20, 11, 2]
         model(input_ids=ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1] * 0 + 1], 1), past_key_values=cache,
               use_cache=True)
-    assert cache.seen == 21 and cache.caches[0].lengths == [21, 12, 3] and len(standin_decode) == 2
+    assert cache.seen == 21 and cache.caches[0].lengths == [21, 12, 3] and len(decode_log) == 2
     with pytest.raises(ValueError, match=r"^cache: .*chunked prefill"), torch.no_grad():  # two tokens onto a prefix
         model(input_ids=ids[:, :2], attention_mask=torch.ones(3, 23, dtype=torch.long), past_key_values=cache,
               use_cache=True)
