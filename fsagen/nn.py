@@ -27,6 +27,13 @@ documented sync); padded input (``attention_mask``) adds one more, reading the n
 (with the mask checks) to size the packed batch.  Nothing else reads device values.
 
 Meta / fake tensors: everything works shape-only (see :mod:`fsagen.nsa`); the output shape is exact.
+
+Inference with a KV cache (``forward(..., cache=layer.new_cache(...))``): a prefill into empty
+slots, then decode steps of one token per sequence (:func:`fsagen.decode.nsa_decode`).  The cache
+pools the compression windows completed during decode with :meth:`NativeSparseAttention._compress_windows`
+from the unrotated k/v rows it keeps for them, so its compressed keys are the prefill's (same kind,
+parameters and rotary).  A cached call reads the per-sequence token counts on the host
+(``cu_seqlens`` or the mask), once.
 """
 
 from __future__ import annotations
