@@ -84,7 +84,10 @@ def test_layer_decode_matches_the_oracle_and_the_prefill(G, kind, gate, autocast
     equal = []
     for s in range(b):
         assert cache.lengths[s] == whole.lengths[s]
-        assert torch.equal(cache.raw(s)[1], whole.raw(s)[1])  # v is never rotated: the same rows
+        # v is never rotated, but one token's projection and a whole sequence's are different GEMMs
+        # on a GPU (cuBLAS picks its algorithm by shape): equal up to float32 rounding, then bf16
+        v_err = rel_err(cache.raw(s)[1], whole.raw(s)[1])
+        assert v_err < 1e-2, f"{case}: raw v rows of slot {s}: {v_err}"
         for got, want in zip(cache.compressed(s), whole.compressed(s)):
             if got.numel():
                 assert rel_err(got, want) < 1e-2, f"{case}: compressed tokens of slot {s}"
