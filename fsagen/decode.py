@@ -273,7 +273,7 @@ def nsa_decode(q: torch.Tensor, cache, seqs, gates: torch.Tensor, *, block_size:
     (``kernel_size``, ``stride``) are the NSA ones. ``return_parts``: also a dict of ``o_cmp``,
     ``o_slc``, ``o_swa``, ``lse_*`` ``[B, Hq]`` and ``topk_idx`` ``[Hkv, B, topk]`` int32, as
     :func:`fsagen.reference_decode.nsa_decode_reference` returns them."""
-    from .nsa import _gate_sum, check_nsa_config
+    from .nsa import check_nsa_config
 
     seqs = [cache._slot(s) for s in seqs]
     _check_q(q, cache, seqs, "nsa_decode")
@@ -293,7 +293,7 @@ def nsa_decode(q: torch.Tensor, cache, seqs, gates: torch.Tensor, *, block_size:
     lc = cache.num_compressed_dev(pos + 1)
     o_part, lse_part, scores2, kern = _launch(q, *cache.compressed_pool(), _cmp_tiles(cache, seq_idx, lc),
                                               torch.full_like(pos, -1), lc - 1, scale, ps, scores_len=cache.max_cmp)
-    o_cmp, lse_cmp = combine_splits(o_part, lse_part, q.dtype)
+    o_cmp, lse_cmp = combine_splits(o_part, lse_part, torch.float32)  # float32 into the gates
     lc32 = lc.to(torch.int32)
     grouped = alloc((b, hkv, cache.max_cmp), torch.float32, q.device)
     kern["decode_group_probs"](scores2, lse_cmp.contiguous(), lc32, grouped)
@@ -307,14 +307,26 @@ def nsa_decode(q: torch.Tensor, cache, seqs, gates: torch.Tensor, *, block_size:
     nt = max(slc_pages.shape[2], swa_pages.shape[2])
     pad = lambda t: F.pad(t, (0, nt - t.shape[2]), value=-1)  # noqa: E731
     pages = torch.cat([pad(slc_pages), pad(swa_pages)])
-    seq2, pos2 = seq_idx.repeat(2), pos.repeat(2)
+    seq2 = _static(cache, ("rows2", seq_idx.data_ptr(), b), lambda: seq_idx.repeat(2))
+    pos2 = pos.repeat(2)
     lo = torch.cat([torch.full_like(pos, -1), pos - window_size])
     o_part, lse_part, _, _ = _launch(q.repeat(2, 1, 1), cache.k_pages, cache.v_pages,
                                   _raw_tiles(cache, seq2, pos2, pages, valid_first=True), lo, pos2, scale, ps)
-    o_raw, lse_raw = combine_splits(o_part, lse_part, q.dtype)
+    o_raw, lse_raw = combine_splits(o_part, lse_part, torch.float32)
     o_slc, o_swa, lse_slc, lse_swa = o_raw[:b], o_raw[b:], lse_raw[:b], lse_raw[b:]
-    o = _gate_sum(o_cmp, o_slc, o_swa, gates)
+    o = _gate(o_cmp, o_slc, o_swa, gates)
     if not return_parts:
         return o
-    return o, {"o_cmp": o_cmp, "o_slc": o_slc, "o_swa": o_swa, "lse_cmp": lse_cmp, "lse_slc": lse_slc,
-               "lse_swa": lse_swa, "topk_idx": topk_idx.permute(1, 0, 2).contiguous()}
+    return o, {"o_cmp": o_cmp.to(q.dtype), "o_slc": o_slc.to(q.dtype), "o_swa": o_swa.to(q.dtype),
+               "lse_cmp": lse_cmp, "lse_slc": lse_slc, "lse_swa": lse_swa,
+               "topk_idx": topk_idx.permute(1, 0, 2).contiguous()}
+
+
+def _gate(o_cmp, o_slc, o_swa, gates):
+    """``g_cmp o_cmp + g_slc o_slc + g_swa o_swa`` from the float32 branch outputs, in the gates'
+    dtype (as :func:`fsagen.nsa_attention`); three fused multiply-adds."""
+    g = (gates if gates.dim() == 3 else gates[:, None, :]).unsqueeze(-1)  # [B, Hq or 1, 3, 1]
+    o = o_cmp * g[:, :, 0]
+    o.addcmul_(o_slc, g[:, :, 1])
+    o.addcmul_(o_swa, g[:, :, 2])
+    return o.to(gates.dtype)
