@@ -3,8 +3,9 @@
 An artifact is a directory `<root>/<arch>/<name>/` holding one compiled file per stage, its CUDA
 source, and `meta.json` (written last; an artifact without it does not exist).  `<name>` is
 `<spec.name>.<loop_order>.<hash>`, the hash covering the spec key, the plan key, the arch and target,
-the fsagen and TileLang versions and a hash of the kernel sources (fsagen/kernels/*.py): editing a
-kernel gives new names, and stale artifacts are simply never looked up again.
+the fsagen and TileLang versions and a hash of the kernel sources its branch is built from
+(`kernel_source_files`): editing a kernel gives its family new names, and stale artifacts are
+simply never looked up again.
 
 Roots, in lookup order: generated/ (AOT builds, fsagen.paths.generated_dir), then the user cache
 (fsagen.paths.cache_dir); a miss compiles (JIT) into the user cache.
@@ -47,18 +48,48 @@ def tilelang_version() -> str:
         return tilelang.__version__
 
 
-_sources_hash: str | None = None
+_sources_hashes: dict = {}
 
 
-def kernel_sources_hash() -> str:
-    """sha256 over fsagen/kernels/*.py (names and contents), computed once per process."""
-    global _sources_hash
-    if _sources_hash is None:
+def _relative_imports(path: Path) -> set:
+    """Module names a kernel module imports from its own package (``from .x import``,
+    ``from . import x``), at any depth of its body."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            names.update([node.module] if node.module else [alias.name for alias in node.names])
+    return names
+
+
+def kernel_source_files(branch: str | None = None) -> list:
+    """The kernel sources a branch's programs are built from: ``fsagen/kernels/__init__.py`` (the
+    builders), the branch's family modules (``kernels.FAMILY_MODULES``) and, transitively, the
+    modules they import from the package. ``None``: every kernel source."""
+    root = kernels_dir()
+    if branch is None:
+        return sorted(root.glob("*.py"))
+    from fsagen.kernels import FAMILY_MODULES
+
+    todo, seen = list(FAMILY_MODULES[branch]), {"__init__"}
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(_relative_imports(root / f"{name}.py"))
+    return sorted(root / f"{name}.py" for name in seen)
+
+
+def kernel_sources_hash(branch: str | None = None) -> str:
+    """sha256 over :func:`kernel_source_files` (names and contents), once per process: editing
+    one family's module (say ``decode.py``) renames that family's artifacts only."""
+    if branch not in _sources_hashes:
         digest = hashlib.sha256()
-        for path in sorted(kernels_dir().glob("*.py")):
+        for path in kernel_source_files(branch):
             digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-        _sources_hash = digest.hexdigest()
-    return _sources_hash
+        _sources_hashes[branch] = digest.hexdigest()
+    return _sources_hashes[branch]
 
 
 def artifact_key(spec: KernelSpec, plan: Plan, arch: str, target: dict) -> dict:
@@ -71,7 +102,7 @@ def artifact_key(spec: KernelSpec, plan: Plan, arch: str, target: dict) -> dict:
         "format": ARTIFACT_FORMAT,
         "fsagen": __version__,
         "tilelang": tilelang_version(),
-        "kernel_sources": kernel_sources_hash(),
+        "kernel_sources": kernel_sources_hash(spec.branch),
     }
 
 

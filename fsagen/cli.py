@@ -149,10 +149,10 @@ def _arch_arg(arch: str | None) -> str | None:
 def cmd_list(args) -> int:
     from fsagen.cache import ARTIFACT_FORMAT, kernel_sources_hash, tilelang_version
 
-    current = {"format": ARTIFACT_FORMAT, "fsagen": __version__, "tilelang": tilelang_version(),
-               "kernel_sources": kernel_sources_hash()}
+    current = {"format": ARTIFACT_FORMAT, "fsagen": __version__, "tilelang": tilelang_version()}
     for label, path in _artifact_dirs(_arch_arg(args.arch)):
         meta = json.loads((path / "meta.json").read_text())
+        current["kernel_sources"] = kernel_sources_hash(meta["spec"]["branch"])
         changed = [name for name, value in current.items() if meta["key"].get(name) != value]
         stale = f"  (stale: {', '.join(changed)} changed)" if changed else ""
         print(f"{label:5}  {meta['arch']}  {meta['name']}  stages={','.join(meta['stages'])}{stale}")

@@ -97,7 +97,7 @@ def test_key_covers_spec_plan_arch_versions_and_kernel_sources(monkeypatch):
     assert cache.artifact_ref(SPEC, q, "sm90")[0] != name
     other = KernelSpec("slc", "fwd", 8, 128, 64, 16, "bfloat16")
     assert cache.artifact_ref(other, kv, "sm90")[0] != name
-    monkeypatch.setattr(cache, "_sources_hash", "edited kernel")
+    monkeypatch.setitem(cache._sources_hashes, SPEC.branch, "edited kernel")
     assert cache.artifact_ref(SPEC, kv, "sm90")[0] != name
     monkeypatch.setattr(cache, "tilelang_version", lambda: "9.9.9")
     assert cache.artifact_ref(SPEC, kv, "sm90")[1]["tilelang"] == "9.9.9"
@@ -177,3 +177,38 @@ def test_reloaded_stage_runs_on_current_stream(fixture_env):
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(c2, a + 3.0 * b)
+
+
+def test_kernel_source_files_follow_each_family():
+    """Each branch hashes __init__.py, its family's modules and what they import; another
+    family's module is not in it (editing decode.py keeps the slc artifacts)."""
+    import ast
+
+    from fsagen import kernels
+    from fsagen.paths import kernels_dir
+
+    names = {b: {p.stem for p in cache.kernel_source_files(b)} for b in kernels.FAMILY_MODULES}
+    assert names["slc"] == {"__init__", "slc", "tiles", "target"}
+    assert {"dense", "slc", "tiles", "target"} <= names["cmp"] and "decode" not in names["cmp"]
+    assert "dense" in names["sel"]  # select.py imports dense.key_range
+    assert "slc" not in names["dec"] and "decode" in names["dec"]
+    assert {p.stem for p in cache.kernel_source_files()} >= set().union(*names.values())
+    # every module a branch's builder imports is listed for that branch
+    tree = ast.parse((kernels_dir() / "__init__.py").read_text())
+    builders = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef) and f.name.endswith("_builders")}
+    family_of = {"slc": "_slc_builders", "cmp": "_dense_builders", "swa": "_dense_builders",
+                 "sel": "_sel_builders", "comp": "_comp_builders", "dec": "_dec_builders"}
+    assert set(family_of.values()) == set(builders)
+    for branch, fname in family_of.items():
+        imported = {a.name for n in ast.walk(builders[fname]) if isinstance(n, ast.ImportFrom) and n.level == 1
+                    for a in n.names}
+        assert imported <= set(kernels.FAMILY_MODULES[branch]), (branch, imported)
+
+
+def test_editing_one_family_keeps_the_others(monkeypatch):
+    dec = KernelSpec("dec", "fwd", 4, 128, 64, 0, "bfloat16")
+    sched = load_schedule("sm90")
+    before = (cache.artifact_ref(SPEC, sched.plan(SPEC), "sm90")[0], cache.artifact_ref(dec, sched.plan(dec), "sm90")[0])
+    monkeypatch.setitem(cache._sources_hashes, "dec", "edited decode.py")
+    after = (cache.artifact_ref(SPEC, sched.plan(SPEC), "sm90")[0], cache.artifact_ref(dec, sched.plan(dec), "sm90")[0])
+    assert after[0] == before[0] and after[1] != before[1]

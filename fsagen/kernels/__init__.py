@@ -34,6 +34,18 @@ REQUIRED_KNOBS = {
     ("dec", "fwd"): ("threads", "num_stages"),
 }
 
+# The modules each branch's programs come from (besides this file and what they import from the
+# package): the artifact cache hashes exactly these (fsagen.cache.kernel_source_files), so editing
+# decode.py does not rename the slc artifacts. tests/test_cache.py checks it against the builders.
+FAMILY_MODULES = {
+    "slc": ("slc",),
+    "cmp": ("dense", "slc"),
+    "swa": ("dense", "slc"),
+    "sel": ("select",),
+    "comp": ("compress",),
+    "dec": ("decode",),
+}
+
 _DTYPES = {"bfloat16": "bfloat16", "float16": "float16"}
 
 
