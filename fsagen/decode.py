@@ -106,30 +106,45 @@ def _cmp_tiles(cache, seq_idx, lc):
     return page, pos, count[:, None].expand(b, hkv)
 
 
+def _cmp_static_tiles(cache, seq_idx):
+    """(tile_page, tile_pos) of the compressed store for the sequences ``seq_idx`` (their counts
+    depend on the lengths: ``decode_prep`` writes them)."""
+    page, pos, _ = _cmp_tiles(cache, seq_idx, torch.zeros(seq_idx.shape[0], dtype=torch.int32, device=seq_idx.device))
+    return page, pos
+
+
 # --------------------------------------------------------------------------- launches
 
+_TILE_LANES = 128  # kernels/decode.py LANES: decode_tiles sorts at most this many candidates
 
-def _launch(q, k_pool, v_pool, tiles, lo, hi, scale, page_size, scores_len=0):
-    """One split-KV launch over ``tiles = (tile_page, tile_pos, tile_count)``; returns the split
-    runs ``o_part [R, Hq, S, Dv]``, ``lse_part [R, Hq, S]`` and, with ``scores_len``, the scores
-    ``[R, Hq, scores_len]`` (log2 domain)."""
-    tile_page, tile_pos, count = (t.to(torch.int32).contiguous() for t in tiles)
-    rows, hq, _ = q.shape
-    hkv, nt = tile_page.shape[1], tile_page.shape[2]
-    splits = max(1, min(nt, round(_TARGET_CTAS / max(rows * hkv, 1))))
+
+def _run_split(kern, stage, q, pools, tiles, lo, hi, scale, scores_len=0):
+    """One split-KV launch of ``stage`` with the step's compiled kernel; returns the runs
+    ``o_part [R, Hq, S, Dv]``, ``lse_part [R, Hq, S]`` and the scores (``scores_len``)."""
+    k_pool, v_pool = pools
+    tile_page, tile_pos, count = tiles
+    rows, (hq, nt) = tile_page.shape[0], (q.shape[1], tile_page.shape[2])
+    splits = max(1, min(nt, round(_TARGET_CTAS / max(rows * tile_page.shape[1], 1))))
     per_split = -(-nt // splits)
-    spec = kernel_spec("dec", "fwd", q, k_pool[0], block_size=page_size)
-    kern, _ = plan_and_kernel(spec, device=q.device)
-    dv = v_pool.shape[-1]
-    o_part = alloc((rows, hq, splits, dv), torch.float32, q.device)
+    o_part = alloc((rows, hq, splits, v_pool.shape[-1]), torch.float32, q.device)
     lse_part = alloc((rows, hq, splits), torch.float32, q.device)
     s_out = alloc((rows, hq, max(scores_len, 1)), torch.float32, q.device)
-    stage = "decode_fwd_scores" if scores_len else "decode_fwd"
     flat = lambda pool: pool.view(-1, *pool.shape[2:])  # noqa: E731  [pages * page_size, Hkv, D]
-    kern[stage](q.contiguous(), flat(k_pool), flat(v_pool), tile_page, tile_pos, count,
-                lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous(), o_part, lse_part, s_out,
+    kern[stage](q, flat(k_pool), flat(v_pool), tile_page, tile_pos, count, lo, hi, o_part, lse_part, s_out,
                 per_split, float(scale))
-    return o_part, lse_part, s_out, kern
+    return o_part, lse_part, s_out
+
+
+
+def _launch(q, k_pool, v_pool, tiles, lo, hi, scale, page_size):
+    """A split-KV launch over ``tiles = (tile_page, tile_pos, tile_count)`` with q's kernel (for
+    :func:`decode_attention`); returns the runs ``o_part [R, Hq, S, Dv]``, ``lse_part [R, Hq, S]``."""
+    spec = kernel_spec("dec", "fwd", q, k_pool[0], block_size=page_size)
+    kern, _ = plan_and_kernel(spec, device=q.device)
+    int32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
+    o_part, lse_part, _ = _run_split(kern, "decode_fwd", q.contiguous(), (k_pool, v_pool), tuple(map(int32, tiles)),
+                                     int32(lo), int32(hi), scale)
+    return o_part, lse_part
 
 
 def combine_splits(o_part: torch.Tensor, lse_part: torch.Tensor, dtype: torch.dtype):
@@ -254,7 +269,7 @@ def decode_attention(q: torch.Tensor, cache, seqs, branch: str, *, topk_idx: tor
         lc = cache.num_compressed_dev(pos + 1)
         tiles = _cmp_tiles(cache, seq_idx, lc)
         lo, hi, pools = torch.full_like(pos, -1), lc - 1, cache.compressed_pool()
-    o_part, lse_part, _, _ = _launch(q, *pools, tiles, lo, hi, scale, cache.page_size)
+    o_part, lse_part = _launch(q, *pools, tiles, lo, hi, scale, cache.page_size)
     return combine_splits(o_part, lse_part, q.dtype)
 
 
@@ -286,40 +301,52 @@ def nsa_decode(q: torch.Tensor, cache, seqs, gates: torch.Tensor, *, block_size:
         raise ValueError(f"nsa_decode: gates must be a floating tensor [B={b}, Hq={hq}, 3] or [B, 3] on {q.device}, "
                          f"got {tuple(gates.shape) if isinstance(gates, torch.Tensor) else type(gates).__name__}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    seq_idx, pos = _positions(cache, seqs)
-    ps, hkv = cache.page_size, cache.num_kv_heads
+    ps, hkv, dev = cache.page_size, cache.num_kv_heads, q.device
+    seq_idx = cache.seq_index(seqs)
+    spec = kernel_spec("dec", "fwd", q, cache.k_pages[0], block_size=ps)
+    kern, _ = plan_and_kernel(spec, device=dev)
+    i32 = lambda *shape: alloc(shape, torch.int32, dev)  # noqa: E731
+
+    # positions, compressed counts, the launches' key ranges
+    pos, lc, cmp_count, cmp_lo, cmp_hi, raw_lo, raw_hi = i32(b), i32(b), i32(b, hkv), i32(b), i32(b), i32(2 * b), i32(2 * b)
+    kern["decode_prep"](seq_idx, cache.lengths_dev, pos, lc, cmp_count, cmp_lo, cmp_hi, raw_lo, raw_hi,
+                        cache.kernel_size, cache.stride, ps, window_size)
 
     # cmp, writing its scores for the selection
-    lc = cache.num_compressed_dev(pos + 1)
-    o_part, lse_part, scores2, kern = _launch(q, *cache.compressed_pool(), _cmp_tiles(cache, seq_idx, lc),
-                                              torch.full_like(pos, -1), lc - 1, scale, ps, scores_len=cache.max_cmp)
-    o_cmp, lse_cmp = combine_splits(o_part, lse_part, torch.float32)  # float32 into the gates
-    lc32 = lc.to(torch.int32)
-    grouped = alloc((b, hkv, cache.max_cmp), torch.float32, q.device)
-    kern["decode_group_probs"](scores2, lse_cmp.contiguous(), lc32, grouped)
-    topk_idx = select_blocks(grouped, pos, kernel_size=cache.kernel_size, stride=cache.stride, block_size=block_size,
-                             topk=topk, init_blocks=init_blocks, local_blocks=local_blocks,
-                             num_blocks=-(-cache.max_len // block_size))
+    cmp_page, cmp_pos = _cmp_static_tiles(cache, seq_idx)
+    cmp_o, cmp_lse, scores2 = _run_split(kern, "decode_fwd_scores", q, cache.compressed_pool(),
+                                         (cmp_page, cmp_pos, cmp_count), cmp_lo, cmp_hi, scale, cache.max_cmp)
 
-    # slc and swa in one launch: rows [0, B) are the sequences' slc, rows [B, 2B) their swa
-    slc_pages = _slc_pages(cache, pos, topk_idx, block_size)
-    swa_pages = _swa_pages(cache, pos, window_size)
-    nt = max(slc_pages.shape[2], swa_pages.shape[2])
-    pad = lambda t: F.pad(t, (0, nt - t.shape[2]), value=-1)  # noqa: E731
-    pages = torch.cat([pad(slc_pages), pad(swa_pages)])
-    seq2 = _static(cache, ("rows2", seq_idx.data_ptr(), b), lambda: seq_idx.repeat(2))
-    pos2 = pos.repeat(2)
-    lo = torch.cat([torch.full_like(pos, -1), pos - window_size])
-    o_part, lse_part, _, _ = _launch(q.repeat(2, 1, 1), cache.k_pages, cache.v_pages,
-                                  _raw_tiles(cache, seq2, pos2, pages, valid_first=True), lo, pos2, scale, ps)
-    o_raw, lse_raw = combine_splits(o_part, lse_part, torch.float32)
-    o_slc, o_swa, lse_slc, lse_swa = o_raw[:b], o_raw[b:], lse_raw[:b], lse_raw[b:]
-    o = _gate(o_cmp, o_slc, o_swa, gates)
+    # selection: block keys (one generated pass), one integer top-k, the tile lists (one pass)
+    num_blocks = -(-cache.max_len // block_size)
+    keys = alloc((b, hkv, num_blocks), torch.int64, dev)
+    kern["decode_block_keys"](scores2, cmp_lse, lc, pos, keys, cache.kernel_size // cache.stride,
+                              block_size // cache.stride, block_size, init_blocks, local_blocks)
+    cand = torch.topk(keys, min(topk, num_blocks), dim=-1, sorted=False).indices
+    if cand.shape[-1] > _TILE_LANES:
+        raise ValueError(f"nsa_decode: topk={topk} is more than the {_TILE_LANES} blocks the decode kernels select")
+    nt = max(cand.shape[-1] * (block_size // ps), -(-window_size // ps) + 1)
+    topk_idx, tile_page, tile_pos, tile_count = i32(b, hkv, cand.shape[-1]), i32(2 * b, hkv, nt), \
+        i32(2 * b, hkv, nt), i32(2 * b, hkv)
+    kern["decode_tiles"](cand, pos, seq_idx, cache.block_table_dev, topk_idx, tile_page, tile_pos, tile_count,
+                         block_size, ps, window_size)
+
+    # slc and swa in one launch: rows [0, B) are the sequences' slc, rows [B, 2B) their swa (q row b % B)
+    raw_o, raw_lse, _ = _run_split(kern, "decode_fwd", q, (cache.k_pages, cache.v_pages),
+                                   (tile_page, tile_pos, tile_count), raw_lo, raw_hi, scale)
+
+    # the split merges and the gates, in one pass
+    g = gates if gates.dim() == 3 else gates[:, None, :]
+    out = alloc((b, hq, cache.v_head_dim), torch.float32, dev)
+    kern["decode_combine"](cmp_o, cmp_lse, raw_o, raw_lse, g.float().contiguous(), out)
+    o = out.to(gates.dtype)
     if not return_parts:
         return o
-    return o, {"o_cmp": o_cmp.to(q.dtype), "o_slc": o_slc.to(q.dtype), "o_swa": o_swa.to(q.dtype),
-               "lse_cmp": lse_cmp, "lse_slc": lse_slc, "lse_swa": lse_swa,
-               "topk_idx": topk_idx.permute(1, 0, 2).contiguous()}
+    if topk_idx.shape[-1] < topk:
+        topk_idx = F.pad(topk_idx, (0, topk - topk_idx.shape[-1]), value=-1)
+    (o_cmp, lse_cmp), (o_raw, lse_raw) = combine_splits(cmp_o, cmp_lse, q.dtype), combine_splits(raw_o, raw_lse, q.dtype)
+    return o, {"o_cmp": o_cmp, "o_slc": o_raw[:b], "o_swa": o_raw[b:], "lse_cmp": lse_cmp, "lse_slc": lse_raw[:b],
+               "lse_swa": lse_raw[b:], "topk_idx": topk_idx.permute(1, 0, 2).contiguous()}
 
 
 def _gate(o_cmp, o_slc, o_swa, gates):

@@ -7,9 +7,11 @@ import torch
 
 
 def alloc(shape, dtype, device):
-    """Output buffers: NaN-poisoned when FSAGEN_POISON=1 so an unwritten element cannot pass a test."""
+    """Output buffers: poisoned when FSAGEN_POISON=1 (NaN; integers: their most negative value,
+    never a valid index or count) so an unwritten element cannot pass a test."""
     if os.environ.get("FSAGEN_POISON") == "1":
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        fill = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min
+        return torch.full(shape, fill, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 

@@ -54,7 +54,8 @@ def stage_names(branch: str, loop_order: str, phase: str) -> tuple:
     if branch == "sel":
         return ("sel_topk",)
     if branch == "dec":  # the cmp branch's launch also writes its scores (decode-time selection)
-        return ("decode_fwd", "decode_fwd_scores", "decode_group_probs")
+        return ("decode_prep", "decode_fwd_scores", "decode_block_keys", "decode_tiles", "decode_fwd",
+                "decode_combine")
     if branch == "comp":
         return ("comp_fwd",) if phase == "fwd" else ("comp_bwd_dx", "comp_bwd_dw")
     return {
@@ -142,7 +143,10 @@ def _dec_builders(spec, plan, dtype, dl):
     args = (spec.G, spec.D, spec.D, dtype, spec.block_size, plan.knob("threads"), plan.knob("num_stages"))
     return {"decode_fwd": lambda: decode.decode_fwd(*args, scores=False, dl=dl),
             "decode_fwd_scores": lambda: decode.decode_fwd(*args, scores=True, dl=dl),
-            "decode_group_probs": lambda: decode.group_probs(spec.G, 256, 256, dl=dl)}
+            "decode_prep": lambda: decode.decode_prep(dl),
+            "decode_block_keys": lambda: decode.decode_block_keys(spec.G, dl),
+            "decode_tiles": lambda: decode.decode_tiles(dl),
+            "decode_combine": lambda: decode.decode_combine(spec.D, dl)}
 
 
 def build_programs(spec, plan, target: dict | None = None) -> dict:
