@@ -3,15 +3,19 @@
 Each sequence's newest cached row is the new token (position ``p = length - 1``): append its k/v
 to the cache first, then call these with its query.
 
-* :func:`nsa_decode`: the whole gated NSA output of the new tokens: cmp attention over the
-  compressed store (one launch that also writes the scores), the group-summed probabilities
-  (one generated pass over the scores), the block selection from them (:func:`select_blocks`,
-  a few batched torch ops on ``[B, Hkv, Lc]``), slc and swa (one launch for both), the exact
-  merge of the split-KV runs, and the gates.
-* :func:`decode_attention`: one branch ("slc" with given ``topk_idx``, "swa", "cmp").
+* :func:`nsa_decode`: the whole gated NSA output of the new tokens, in six generated launches
+  and one torch top-k: ``decode_prep`` (positions, compressed counts, key ranges), cmp attention
+  over the compressed store (a split-KV launch that also writes the scores), the selection
+  (:func:`select_tiles`: block keys from the group-summed probabilities, the top-k, the slc and
+  swa tile lists), slc and swa (one split-KV launch for both), and ``decode_combine`` (the exact
+  merge of the split runs and the gates). Small steps were once ~30 torch ops of a few
+  microseconds each, more than the attention itself (``bench/results/decode_bench.md``).
+* :func:`decode_attention`: one branch ("slc" with given ``topk_idx``, "swa", "cmp"), its tile
+  lists built by torch ops (:func:`_raw_tiles`; the torch spelling of the selection is
+  :func:`select_from_scores`).
 
 The attention launches run the generated split-KV program (``kernels/decode.py``) over tile lists
-built here on the device from the cache's device-side block table and lengths: nothing reads a
+built on the device from the cache's device-side block table and lengths: nothing reads a
 device value on the host, and the work of a call depends only on the cache's geometry, the
 number of sequences and the NSA parameters, never on the lengths. So a decode step can be
 captured in a CUDA graph once (the sequence list is memoised per cache, so capture creates no
@@ -166,8 +170,8 @@ def combine_splits(o_part: torch.Tensor, lse_part: torch.Tensor, dtype: torch.dt
 def group_probs(scores2: torch.Tensor, lse: torch.Tensor, num_cmp: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """cmp's probabilities summed over the G heads of each kv head, ``[B, Hkv, ns]``, from its
     log2-domain scores ``scores2 [B, Hq, ns]`` (entries past a sequence's ``num_cmp`` are ignored,
-    whatever they hold) and natural-log lse ``[B, Hq]``. The torch spelling of the generated
-    ``decode_group_probs`` stage (which ``nsa_decode`` runs on a GPU, in one pass)."""
+    whatever they hold) and natural-log lse ``[B, Hq]``. With :func:`select_blocks`, the torch
+    spelling of what :func:`select_tiles` runs as generated stages (``decode_block_keys``)."""
     b, hq, ns = scores2.shape
     col = torch.arange(ns, device=scores2.device)
     p = torch.where(col < num_cmp[:, None, None], torch.exp2(scores2 - (lse / LN2)[..., None]), 0.0)
@@ -295,6 +299,8 @@ def nsa_decode(q: torch.Tensor, cache, seqs, gates: torch.Tensor, *, block_size:
     check_nsa_config(kernel_size=cache.kernel_size, stride=cache.stride, block_size=block_size, topk=topk,
                      init_blocks=init_blocks, local_blocks=local_blocks, window_size=window_size, scale=scale)
     _check_block_size(cache, block_size)
+    if min(topk, -(-cache.max_len // block_size)) > _TILE_LANES:
+        raise ValueError(f"nsa_decode: topk={topk} is more than the {_TILE_LANES} blocks the decode kernels select")
     b, hq, _ = q.shape
     if not isinstance(gates, torch.Tensor) or gates.device != q.device or not gates.dtype.is_floating_point \
             or tuple(gates.shape) not in ((b, hq, 3), (b, 3)):
@@ -317,23 +323,12 @@ def nsa_decode(q: torch.Tensor, cache, seqs, gates: torch.Tensor, *, block_size:
     cmp_o, cmp_lse, scores2 = _run_split(kern, "decode_fwd_scores", q, cache.compressed_pool(),
                                          (cmp_page, cmp_pos, cmp_count), cmp_lo, cmp_hi, scale, cache.max_cmp)
 
-    # selection: block keys (one generated pass), one integer top-k, the tile lists (one pass)
-    num_blocks = -(-cache.max_len // block_size)
-    keys = alloc((b, hkv, num_blocks), torch.int64, dev)
-    kern["decode_block_keys"](scores2, cmp_lse, lc, pos, keys, cache.kernel_size // cache.stride,
-                              block_size // cache.stride, block_size, init_blocks, local_blocks)
-    cand = torch.topk(keys, min(topk, num_blocks), dim=-1, sorted=False).indices
-    if cand.shape[-1] > _TILE_LANES:
-        raise ValueError(f"nsa_decode: topk={topk} is more than the {_TILE_LANES} blocks the decode kernels select")
-    nt = max(cand.shape[-1] * (block_size // ps), -(-window_size // ps) + 1)
-    topk_idx, tile_page, tile_pos, tile_count = i32(b, hkv, cand.shape[-1]), i32(2 * b, hkv, nt), \
-        i32(2 * b, hkv, nt), i32(2 * b, hkv)
-    kern["decode_tiles"](cand, pos, seq_idx, cache.block_table_dev, topk_idx, tile_page, tile_pos, tile_count,
-                         block_size, ps, window_size)
+    topk_idx, raw_tiles = select_tiles(kern, cache, seq_idx, pos, lc, scores2, cmp_lse, block_size=block_size, topk=topk,
+                                       init_blocks=init_blocks, local_blocks=local_blocks, window_size=window_size)
 
     # slc and swa in one launch: rows [0, B) are the sequences' slc, rows [B, 2B) their swa (q row b % B)
-    raw_o, raw_lse, _ = _run_split(kern, "decode_fwd", q, (cache.k_pages, cache.v_pages),
-                                   (tile_page, tile_pos, tile_count), raw_lo, raw_hi, scale)
+    raw_o, raw_lse, _ = _run_split(kern, "decode_fwd", q, (cache.k_pages, cache.v_pages), raw_tiles, raw_lo, raw_hi,
+                                   scale)
 
     # the split merges and the gates, in one pass
     g = gates if gates.dim() == 3 else gates[:, None, :]
@@ -349,11 +344,22 @@ def nsa_decode(q: torch.Tensor, cache, seqs, gates: torch.Tensor, *, block_size:
                "lse_swa": lse_raw[b:], "topk_idx": topk_idx.permute(1, 0, 2).contiguous()}
 
 
-def _gate(o_cmp, o_slc, o_swa, gates):
-    """``g_cmp o_cmp + g_slc o_slc + g_swa o_swa`` from the float32 branch outputs, in the gates'
-    dtype (as :func:`fsagen.nsa_attention`); three fused multiply-adds."""
-    g = (gates if gates.dim() == 3 else gates[:, None, :]).unsqueeze(-1)  # [B, Hq or 1, 3, 1]
-    o = o_cmp * g[:, :, 0]
-    o.addcmul_(o_slc, g[:, :, 1])
-    o.addcmul_(o_swa, g[:, :, 2])
-    return o.to(gates.dtype)
+def select_tiles(kern, cache, seq_idx, pos, num_cmp, scores2, cmp_lse, *, block_size: int, topk: int,
+                 init_blocks: int, local_blocks: int, window_size: int):
+    """Decode-time selection and the slc+swa launch's tiles, from the cmp launch's scores
+    ``scores2 [B, Hq, max_cmp]`` (log2) and split lse ``cmp_lse [B, Hq, S]``: the generated block
+    keys, one integer top-k (torch), the generated tile lists. Returns ``topk_idx [B, Hkv, K]``
+    int32 (ascending, -1 padded; ``K = min(topk, blocks)``) and ``(tile_page, tile_pos,
+    tile_count)`` of rows ``[0, B)`` (slc) and ``[B, 2B)`` (swa). The torch spelling is
+    :func:`select_from_scores` with :func:`_slc_pages` / :func:`_swa_pages` / :func:`_raw_tiles`."""
+    b, hkv, ps, dev = pos.shape[0], cache.num_kv_heads, cache.page_size, pos.device
+    num_blocks = -(-cache.max_len // block_size)
+    keys = alloc((b, hkv, num_blocks), torch.int64, dev)
+    kern["decode_block_keys"](scores2, cmp_lse, num_cmp, pos, keys, cache.kernel_size // cache.stride,
+                              block_size // cache.stride, block_size, init_blocks, local_blocks)
+    cand = torch.topk(keys, min(topk, num_blocks), dim=-1, sorted=False).indices
+    nt = max(cand.shape[-1] * (block_size // ps), -(-window_size // ps) + 1)
+    topk_idx = alloc((b, hkv, cand.shape[-1]), torch.int32, dev)
+    tiles = tuple(alloc(shape, torch.int32, dev) for shape in ((2 * b, hkv, nt), (2 * b, hkv, nt), (2 * b, hkv)))
+    kern["decode_tiles"](cand, pos, seq_idx, cache.block_table_dev, topk_idx, *tiles, block_size, ps, window_size)
+    return topk_idx, tiles
