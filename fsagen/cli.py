@@ -70,7 +70,7 @@ def cmd_build(args) -> int:
     arch = schedule.arch
     grid = Path(args.grid) if args.grid else default_grid_file()
     specs = load_grid(grid, subset=args.subset)
-    # A schedule need not run every branch (cpu has no compression or decode programs): the grid's
+    # A schedule need not run every branch (a user schedule may list fewer): the grid's
     # specs of branches it does not list are skipped, and said so; any other unsupported value
     # still fails with the schedule's error.
     branches = schedule.supports.get("branch")

@@ -6,15 +6,17 @@ section 2): a sequence of length L gives ``Lc = (L - ks) // s + 1`` compressed t
 
 Two implementations, one result:
 
-* **kernels** (CUDA, bf16 / fp16, ``Dv == D``, a (D, ks, s) the GPU's schedule supports; mean and
+* **kernels** (bf16 / fp16, ``Dv == D``, a (D, ks, s) the device's schedule supports; mean and
   weighted): the generated TileLang programs of ``fsagen/kernels/compress.py`` behind the
-  ``fsagen::compress_pool`` op (``fsagen.ops_compress``). Mean is weighted pooling with weights
-  ``1 / ks``. Each tile's span of raw rows is read once; the backward writes every raw row once
-  (no atomics) and reduces the weights' gradient in float32.
-* **torch** (linear, and any other input: CPU, float32, unsupported shapes): every sequence is
-  copied once, head-major, into a layout where it starts on a stride boundary, so a window is
-  ``ks / s`` consecutive stride segments and the pooling is ``ks / s`` batched products over
-  shifted *views* of the segments (linear: ``bmm`` with the matching rows of ``proj``; mean /
+  ``fsagen::compress_pool`` op (``fsagen.ops_compress``), on a CUDA device or, for CPU tensors,
+  compiled by TileLang's C backend (the ``cpu`` schedule, ``schedules/CPU.md``; serial and slow,
+  for tests and debugging). Mean is weighted pooling with weights ``1 / ks``. Each tile's span of
+  raw rows is read once; the backward writes every raw row once (no atomics) and reduces the
+  weights' gradient in float32.
+* **torch** (linear, and any other input: float32, unsupported shapes, other devices): every
+  sequence is copied once, head-major, into a layout where it starts on a stride boundary, so a
+  window is ``ks / s`` consecutive stride segments and the pooling is ``ks / s`` batched products
+  over shifted *views* of the segments (linear: ``bmm`` with the matching rows of ``proj``; mean /
   weighted: a float32 weighted sum). No ``[Nc, ks, D]`` window gather is materialised. Linear
   stays in torch because it is a GEMM (``[Nc, ks*D] @ [ks*D, D]`` per kv head) that cuBLAS runs
   at the tensor-core rate on those views, with autograd giving its three gradients; a TileLang
@@ -150,21 +152,26 @@ def _num_compressed(cu_seqlens, cu_cmp, n, num_compressed, check_values) -> int:
 
 
 def _kernel_runs(k, v, kind, kernel_size, stride) -> bool:
-    """Whether the generated kernels take this call: mean / weighted pooling of CUDA bf16 / fp16
-    k and v of one head dim, with forward and backward plans on the device's schedule."""
-    if kind == "linear" or k.device.type != "cuda" or k.dtype not in KERNEL_DTYPES or v.shape[2] != k.shape[2]:
+    """Whether the generated kernels take this call: mean / weighted pooling of bf16 / fp16 k and
+    v of one head dim on a CUDA device or the CPU (TileLang's C backend), with forward and
+    backward plans on the device's schedule (a CPU tensor: the ``cpu`` schedule)."""
+    device = k.device
+    if kind == "linear" or device.type not in ("cuda", "cpu") or k.dtype not in KERNEL_DTYPES \
+            or v.shape[2] != k.shape[2]:
         return False
-    index = k.device.index if k.device.index is not None else torch.cuda.current_device()
-    return _kernels_cover(index, k.dtype, k.shape[2], kernel_size, stride)
+    index = 0 if device.type == "cpu" else device.index if device.index is not None else torch.cuda.current_device()
+    return _kernels_cover(device.type, index, k.dtype, k.shape[2], kernel_size, stride)
 
 
 @torch.compiler.assume_constant_result  # decided at trace time under torch.compile, not traced
-def _kernels_cover(device_index: int, dtype: torch.dtype, head_dim: int, kernel_size: int, stride: int) -> bool:
+def _kernels_cover(device_type: str, device_index: int, dtype: torch.dtype, head_dim: int, kernel_size: int,
+                   stride: int) -> bool:
+    from fsagen.schedule import detect_arch
     from fsagen.spec import KernelSpec
     from fsagen.validate import _plan_of as plan_of  # the schedule's plan, memoised
-    from fsagen.validate import device_arch, dtype_name
+    from fsagen.validate import dtype_name
 
-    arch = device_arch(torch.device("cuda", device_index))
+    arch = detect_arch(torch.device(device_type, device_index))  # the arch fsagen.pooling dispatches to
     try:
         for phase in ("fwd", "bwd"):
             plan_of(arch, KernelSpec("comp", phase, G=1, D=head_dim, block_size=0, topk=0, dtype=dtype_name(dtype),
@@ -256,11 +263,12 @@ def compress(
     kernel_size)``; there are ``(L - kernel_size) // stride + 1`` of them (0 if L < kernel_size);
     ``kernel_size % stride == 0`` is required.  ``cu_seqlens`` is int32 ``[B + 1]`` on k's device.
 
-    Mean and weighted pooling of CUDA bf16 / fp16 inputs with ``Dv == D`` run the generated
-    kernels (``fsagen::compress_pool``; weights in float32); everything else runs in torch
-    (module docstring).  Parameters may have any floating dtype; the linear ones are cast to k's
-    dtype for the products; gradients come back in each parameter's own dtype.  Inputs of any
-    strides are accepted.
+    Mean and weighted pooling of bf16 / fp16 inputs with ``Dv == D`` (CUDA, or CPU through the
+    ``cpu`` schedule) run the generated kernels (``fsagen::compress_pool``; weights in float32)
+    where the schedule covers the shape; everything else runs in torch (module docstring).
+    Parameters may have any floating dtype; the linear ones are cast to k's dtype for the
+    products; gradients come back in each parameter's own dtype.  Inputs of any strides are
+    accepted.
 
     Host synchronisation: the number of compressed tokens ``Nc`` sizes the outputs. With
     ``num_compressed=None`` it is read on the host, in one small device->host copy that also

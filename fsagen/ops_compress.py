@@ -21,7 +21,8 @@ __all__ = ["compress_pool", "compress_pool_bwd"]
 
 
 def _glue():
-    # TileLang and a GPU are needed only when the op really runs; tests can stub this module.
+    # TileLang (and a GPU, or the C backend for CPU tensors) is needed only when the op really runs;
+    # tests can stub this module.
     return importlib.import_module("fsagen.pooling")
 
 

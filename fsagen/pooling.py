@@ -3,7 +3,8 @@
 Inputs are validated and contiguous (``fsagen.compression`` does that). Nothing here reads a
 tensor's values on the host: the number of compressed tokens ``Nc`` is an int argument (it sizes
 the outputs) and every tile table has a static length (``fsagen.tile_index.seq_tiles``), so the
-launches are capturable in a CUDA graph.
+launches are capturable in a CUDA graph. CPU tensors run the same programs through the ``cpu``
+schedule (TileLang's C backend, ``schedules/CPU.md``).
 
 ``weight`` is float32 ``[Hkv, kernel_size]`` (``1 / kernel_size`` everywhere for mean pooling).
 Memory besides the outputs: the tile tables and, for the weights' gradient, a float32 partial
@@ -16,8 +17,9 @@ from .tile_index import seq_tiles
 
 
 def _plan(phase, k, kernel_size, stride):
-    # compression has no query heads: its spec has G = 1 (k stands in for q)
-    return plan_and_kernel(kernel_spec("comp", phase, k, k, kernel_size=kernel_size, stride=stride))
+    # compression has no query heads: its spec has G = 1 (k stands in for q); the schedule is k's
+    # device's (a CPU tensor: the cpu schedule)
+    return plan_and_kernel(kernel_spec("comp", phase, k, k, kernel_size=kernel_size, stride=stride), device=k.device)
 
 
 def _cmp_tiles(plan, cu_cmp, nc, stride):

@@ -202,11 +202,19 @@ def test_broken_schedule_file_is_one_line_naming_file_and_knob(capsys, monkeypat
 
 
 def test_build_skips_branches_the_schedule_does_not_run(env, tmp_path):
-    """cpu has no compression or decode programs: the grid's comp and dec specs are skipped, said so."""
+    """A schedule that does not list a branch (here a user's cpu schedule without comp): the
+    grid's specs of that branch are skipped, said so."""
+    schedules = tmp_path / "schedules"
+    schedules.mkdir()
+    text = load_schedule("cpu").path.read_text()
+    listed = 'branch = ["slc", "cmp", "swa", "sel", "comp", "dec"]'
+    assert listed in text
+    (schedules / "cpu.toml").write_text(text.replace(listed, 'branch = ["slc", "cmp", "swa", "sel", "dec"]', 1))
     grid = tmp_path / "grid.toml"
     grid.write_text('[[grid]]\nbranch = ["comp"]\nphase = ["fwd"]\nG = [1]\nD = [64]\ndtype = ["float16"]\n'
                     'block_size = [0]\ntopk = [0]\nkernel_size = [32]\nstride = [16]\n')
-    result = run_cli("build", "--arch", "cpu", "--grid", str(grid), env_extra=env)
+    result = run_cli("build", "--arch", "cpu", "--grid", str(grid),
+                     env_extra={**env, "FSAGEN_SCHEDULES_DIR": str(schedules)})
     assert result.returncode == 0, result.stderr
     assert "skipping the grid's comp specs (schedule cpu supports the branches" in result.stdout
     assert "0 artifacts" in result.stdout

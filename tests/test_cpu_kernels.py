@@ -5,7 +5,7 @@ results are compared with the float64 references, as tests/gpu does on the H100.
 Tiny shapes (N < 256, D = 32) keep it fast; most of the time is compiling. The artifacts are
 built once per session in a process pool (one compile per core) into the user cache, where the
 ops then find them (a second run compiles nothing). Outputs are NaN-poisoned (FSAGEN_POISON=1).
-The comparison helpers are tests/gpu's, which take any device.
+The comparison helpers are tests/gpu's and test_compress's, which take any device.
 """
 import concurrent.futures
 import os
@@ -22,6 +22,7 @@ from fsagen.spec import KernelSpec
 from fsagen.testing import random_cu_seqlens, random_topk_idx
 from gpu.test_dense_gpu import _clear_rows, _compare, _cu_cmp, _ref_grads, _reference_block_scores, _run
 from gpu.test_slc_gpu import _reference
+from test_compress import _cu, _lengths, _params, compare_with_grads
 
 HKV, G, D = 2, 2, 32
 KS, STRIDE, SEL_BS, SEL_TOPK = 32, 16, 32, 4
@@ -30,10 +31,10 @@ BF16, FP16 = torch.bfloat16, torch.float16
 DTYPE_NAMES = {BF16: "bfloat16", FP16: "float16"}
 
 
-def _spec(branch, phase, dtype, **fields):
+def _spec(branch, phase, dtype, g=G, **fields):
     values = dict(block_size=0, topk=0)
     values.update(fields)
-    return KernelSpec(branch=branch, phase=phase, G=G, D=D, dtype=DTYPE_NAMES[dtype], **values)
+    return KernelSpec(branch=branch, phase=phase, G=g, D=D, dtype=DTYPE_NAMES[dtype], **values)
 
 
 # (spec, forced loop order or None) of every kernel the tests below run
@@ -44,6 +45,9 @@ KERNELS = [
     *[(_spec("slc", phase, BF16, block_size=SLC_BS, topk=SLC_TOPK), order)
       for order in ("kv_outer", "q_outer") for phase in ("fwd", "bwd")],
     (_spec("dec", "fwd", BF16, block_size=16), None),  # decode over a cache of 16-row pages
+    # compression (no query heads: G = 1); the decode test's cache compresses with it too
+    *[(_spec("comp", phase, dtype, g=1, kernel_size=KS, stride=STRIDE), None) for dtype in (BF16, FP16)
+      for phase in ("fwd", "bwd")],
 ]
 
 
@@ -136,6 +140,36 @@ def test_selected_attention_on_cpu(loop_order):
     grads = torch.autograd.grad(o, (q, k, v), do)
     ro, rl, *rgrads = _reference(q, k, v, idx, cu, SLC_BS, do)
     _compare(o.detach(), lse, grads, ro, rl, rgrads, BF16, f"{loop_order} N={n}", "slc-cpu")
+
+
+@pytest.mark.parametrize("kind", ["mean", "weighted"])
+@pytest.mark.parametrize("dtype", [BF16, FP16], ids=["bf16", "fp16"])
+def test_compress_on_cpu(dtype, kind, monkeypatch):
+    """fsagen.compress on CPU tensors runs the comp kernels (forward, dk / dv, and dweight for
+    weighted pooling; the torch path is made to fail) and matches the float64 reference. Varlen:
+    empty entries, sequences shorter than a window, exactly one, and lengths off the stride."""
+    from fsagen import compression, pooling
+
+    def no_torch_path(*args):
+        raise AssertionError("compress ran its torch path, not the kernels")
+
+    def spy(name, glue):
+        def call(*args):
+            calls.append(name)
+            return glue(*args)
+        return call
+
+    calls = []
+    monkeypatch.setattr(compression, "_pool_torch", no_torch_path)
+    for name in ("forward", "backward"):  # the kernels' glue (fsagen::compress_pool and its backward)
+        monkeypatch.setattr(pooling, name, spy(name, getattr(pooling, name)))
+    gen = _gen()
+    cu = _cu(_lengths(KS, STRIDE))
+    n = int(cu[-1])
+    k, v = (_randn(gen, n, HKV, D, dtype=dtype) for _ in range(2))
+    params = _params(kind, False, HKV, KS, D, D, dtype, gen)
+    errs, k_cmp, _ = compare_with_grads(k, v, cu, KS, STRIDE, kind, params, gen, 1e-2 if dtype == BF16 else 2e-3)
+    assert calls == ["forward", "backward"] and k_cmp.shape[0] > 0 and "dk" in errs, (calls, errs)
 
 
 def _swa_fwd_stage():

@@ -1,9 +1,9 @@
 """The compression op layer on a CPU: ``fsagen::compress_pool`` / ``compress_pool_bwd`` fake impls,
 autograd wiring, opcheck, and ``fsagen.compress``'s dispatch to them and its sync-free mode.
 
-The real glue (``fsagen.pooling``) needs a GPU, so a stub module computes the same pooling with
+A stub module in place of the real glue (``fsagen.pooling``) computes the same pooling with
 ``fsagen.compression``'s torch path; what is checked is the op layer, not the kernels
-(tests/gpu/test_compress_gpu.py checks those).
+(tests/gpu/test_compress_gpu.py checks those on the GPU, tests/test_cpu_kernels.py on the CPU).
 """
 
 import sys
@@ -141,9 +141,17 @@ def test_linear_stays_in_torch(stub_glue):
     assert stub_glue == []
 
 
-def test_no_kernel_on_cpu():
+def test_kernels_on_cpu_where_the_cpu_schedule_covers_the_shape():
+    """CPU tensors take the kernels (the cpu schedule) for the shapes it supports: D = 16 and
+    kernel_size = 8 it does not; float32 and linear never run them."""
     k, v, _, _ = _inputs()
     assert not compression._kernel_runs(k, v, "mean", KS, S)
+    k32, v32 = (torch.zeros(4, HKV, 32, dtype=torch.bfloat16) for _ in range(2))
+    assert compression._kernel_runs(k32, v32, "mean", 32, 16)
+    assert compression._kernel_runs(k32.half(), v32.half(), "weighted", 64, 32)
+    assert not compression._kernel_runs(k32.float(), v32.float(), "mean", 32, 16)
+    assert not compression._kernel_runs(k32, v32, "linear", 32, 16)
+    assert not compression._kernel_runs(k32, v32[..., :16], "mean", 32, 16)  # Dv != D
 
 
 # --------------------------------------------------------------------------- num_compressed / check_values

@@ -118,22 +118,15 @@ def _sel_builders(spec, plan, dtype, dl):
     }
 
 
-def _gpu_only(branch, dl):
-    """comp has no CPU spelling yet (schedules/CPU.md): refuse a serial dialect."""
-    if not dl.simt:
-        raise ValueError(f"{branch} programs have no CPU (serial dialect) spelling")
-
-
 def _comp_builders(spec, plan, dtype, dl):
     from . import compress
 
-    _gpu_only("comp", dl)
     knob = plan.knob
     shape = (spec.D, dtype, spec.kernel_size, spec.stride, knob("rows"))
     return {
-        "comp_fwd": lambda: compress.comp_fwd(*shape, knob("threads")),
-        "comp_bwd_dx": lambda: compress.comp_bwd_dx(*shape, knob("bwd_threads")),
-        "comp_bwd_dw": lambda: compress.comp_bwd_dw(*shape, knob("bwd_threads")),
+        "comp_fwd": lambda: compress.comp_fwd(*shape, knob("threads"), dl),
+        "comp_bwd_dx": lambda: compress.comp_bwd_dx(*shape, knob("bwd_threads"), dl),
+        "comp_bwd_dw": lambda: compress.comp_bwd_dw(*shape, knob("bwd_threads"), dl),
     }
 
 

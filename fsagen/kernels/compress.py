@@ -5,7 +5,9 @@ compressed token c pools raw positions ``[c*s, c*s + ks)`` of its sequence with 
 window position) float32 weights ``W[h, j]``: ``X_c[c] = sum_j W[h, j] * X[c*s + j]``. Mean pooling
 is ``W = 1 / ks``, so mean and weighted are one program. Accumulation is float32; outputs are
 stored in the input dtype. ``ks`` and ``s`` are compile-time (``ks % s == 0``), so the window
-loops unroll and the shared tiles have static shapes.
+loops unroll and the shared tiles have static shapes. The target's dialect (``target.py``) spells
+the allocations, element loops, 16-bit tensor access and the span's bulk copy, so the same programs
+run on a GPU and on TileLang's serial CPU backend (``schedules/CPU.md``).
 
 Every program takes k and v together: the grid's third axis (``z``) picks the tensor, so one
 launch covers both. Packed varlen: ``cu`` are the raw offsets, ``cu_c`` the compressed ones
@@ -14,7 +16,7 @@ each CTA (sequence, first position) and have a static length, so no host sync is
 
 * ``comp_fwd``: one CTA per (tile of ``rows / s`` compressed tokens, kv head, k|v). The tile's
   windows overlap (``ks > s``); they span ``rows + ks - s`` consecutive raw rows, which are loaded
-  once into shared memory (bulk copy) and pooled from there.
+  once into shared memory (``Dialect.make_copy_rows``: a bulk copy on a GPU) and pooled from there.
 * ``comp_bwd_dx``: one CTA per (tile of ``rows`` raw rows, kv head, k|v). Raw row p receives from
   the ``ks / s`` windows covering it, ``c = p // s - u`` (u < ks / s) at window position
   ``p % s + u * s``; the tile's ``rows / s + ks / s - 1`` upstream compressed rows are loaded once
@@ -27,6 +29,7 @@ each CTA (sequence, first position) and have a static length, so no host sync is
 
 import tilelang.language as T
 
+from .target import IO, SIMT, Dialect
 from .tiles import ACCUM
 
 INDEX = "int32"
@@ -41,69 +44,60 @@ def _tile_shape(kernel_size: int, stride: int, rows: int) -> tuple[int, int]:
     return rows // stride, rows + kernel_size - stride
 
 
-def _make_load_weights(kernel_size: int):
+def _make_load_weights(kernel_size: int, dl: Dialect):
     @T.macro
     def load_weights(W, head, w_s):
-        for j in T.Parallel(kernel_size):
+        for j in dl.par(kernel_size):
             w_s[j] = W[head, j]
 
     return load_weights
 
 
-def _make_load_span(span: int, dim: int):
-    """The ``span`` raw rows of one kv head from ``first`` into shared memory (a bulk copy; rows
-    past the tensor's end read as zero and rows past the sequence are never used)."""
-
-    @T.macro
-    def load_span(X, head, first, span_s):
-        T.copy(X[first:first + span, head, :], span_s)
-
-    return load_span
-
-
-def _make_load_cmp_rows(n_rows: int, dim: int):
+def _make_load_cmp_rows(n_rows: int, dim: int, dl: Dialect, io: IO):
     """Compressed rows ``first + i`` (i < n_rows) of sequence positions ``[lo, hi)`` only; 0 elsewhere."""
 
     @T.macro
     def load_cmp_rows(Xc, head, base, first, lo, hi, dst):
-        for i, d in T.Parallel(n_rows, dim):
-            dst[i, d] = T.if_then_else((first + i >= lo) & (first + i < hi), Xc[base + first + i, head, d], 0)
+        for i, d in dl.par(n_rows, dim):
+            dst[i, d] = T.if_then_else((first + i >= lo) & (first + i < hi), io.load(Xc[base + first + i, head, d]), 0)
 
     return load_cmp_rows
 
 
-def comp_fwd(D: int, dtype: str, kernel_size: int, stride: int, rows: int, threads: int):
+def comp_fwd(D: int, dtype: str, kernel_size: int, stride: int, rows: int, threads: int, dl: Dialect = SIMT):
     BC, SPAN = _tile_shape(kernel_size, stride, rows)
     N, NC, HKV, NT, B1 = T.dynamic("N, NC, HKV, NT, B1")
-    load_w = _make_load_weights(kernel_size)
-    load_span = _make_load_span(SPAN, D)
+    io = dl.io(dtype)
+    load_w = _make_load_weights(kernel_size, dl)
+    # the span's rows past the tensor's end read as zero; rows past the sequence are never used
+    load_span = dl.make_copy_rows(SPAN, D, io)
 
     @T.macro
     def pool(X, Xc, h, row0, out0, n_c, w_s, span_s, acc):
-        load_span(X, h, row0, span_s)
+        load_span(X, h, row0, N, span_s)
         T.clear(acc)
         for j in T.unroll(kernel_size):
-            for c, d in T.Parallel(BC, D):
+            for c, d in dl.par(BC, D):
                 acc[c, d] += w_s[j] * span_s[c * stride + j, d]
-        for c, d in T.Parallel(BC, D):
+        for c, d in dl.par(BC, D):
             if c < n_c:
-                Xc[out0 + c, h, d] = acc[c, d]
+                Xc[out0 + c, h, d] = io.store(acc[c, d])
 
     @T.prim_func
     def main(
-        K: T.Tensor((N, HKV, D), dtype),
-        V: T.Tensor((N, HKV, D), dtype),
+        K: T.Tensor((N, HKV, D), io.tensor),
+        V: T.Tensor((N, HKV, D), io.tensor),
         W: T.Tensor((HKV, kernel_size), ACCUM),
         tiles: T.Tensor((NT, 2), INDEX),
         cu: T.Tensor((B1,), INDEX),
         cu_c: T.Tensor((B1,), INDEX),
-        Kc: T.Tensor((NC, HKV, D), dtype),
-        Vc: T.Tensor((NC, HKV, D), dtype),
+        Kc: T.Tensor((NC, HKV, D), io.tensor),
+        Vc: T.Tensor((NC, HKV, D), io.tensor),
     ):
         with T.Kernel(NT, HKV, 2, threads=threads) as (bt, h, z):
-            span_s = T.alloc_shared((SPAN, D), dtype)
-            w_s = T.alloc_shared((kernel_size,), ACCUM)
-            acc = T.alloc_fragment((BC, D), ACCUM)
+            span_s = dl.alloc_tile((SPAN, D), io.tile)
+            w_s = dl.alloc_tile((kernel_size,), ACCUM)
+            acc = dl.alloc_acc((BC, D), ACCUM)
             seq = tiles[bt, 0]
             c0 = tiles[bt, 1]
             if seq >= 0:
@@ -119,38 +113,39 @@ def comp_fwd(D: int, dtype: str, kernel_size: int, stride: int, rows: int, threa
     return main
 
 
-def comp_bwd_dx(D: int, dtype: str, kernel_size: int, stride: int, rows: int, threads: int):
+def comp_bwd_dx(D: int, dtype: str, kernel_size: int, stride: int, rows: int, threads: int, dl: Dialect = SIMT):
     _tile_shape(kernel_size, stride, rows)
     NU = kernel_size // stride  # windows covering one raw row
     NCB = rows // stride + NU - 1  # compressed rows a tile of raw rows receives from
     N, NC, HKV, NT, B1 = T.dynamic("N, NC, HKV, NT, B1")
-    load_w = _make_load_weights(kernel_size)
-    load_cmp = _make_load_cmp_rows(NCB, D)
+    io = dl.io(dtype)
+    load_w = _make_load_weights(kernel_size, dl)
+    load_cmp = _make_load_cmp_rows(NCB, D, dl, io)
 
     @T.macro
     def spread(dXc, dX, h, cmp0, n_cmp, raw0, r0, n_r, w_s, dxc_s):
         load_cmp(dXc, h, cmp0, r0 // stride - (NU - 1), 0, n_cmp, dxc_s)
-        for r, d in T.Parallel(rows, D):
+        for r, d in dl.par(rows, D):
             if r < n_r:
-                dX[raw0 + r0 + r, h, d] = sum(
+                dX[raw0 + r0 + r, h, d] = io.store(sum(
                     w_s[r % stride + u * stride] * T.cast(dxc_s[r // stride + NU - 1 - u, d], ACCUM)
                     for u in range(NU)
-                )
+                ))
 
     @T.prim_func
     def main(
-        dKc: T.Tensor((NC, HKV, D), dtype),
-        dVc: T.Tensor((NC, HKV, D), dtype),
+        dKc: T.Tensor((NC, HKV, D), io.tensor),
+        dVc: T.Tensor((NC, HKV, D), io.tensor),
         W: T.Tensor((HKV, kernel_size), ACCUM),
         tiles: T.Tensor((NT, 2), INDEX),
         cu: T.Tensor((B1,), INDEX),
         cu_c: T.Tensor((B1,), INDEX),
-        dK: T.Tensor((N, HKV, D), dtype),
-        dV: T.Tensor((N, HKV, D), dtype),
+        dK: T.Tensor((N, HKV, D), io.tensor),
+        dV: T.Tensor((N, HKV, D), io.tensor),
     ):
         with T.Kernel(NT, HKV, 2, threads=threads) as (bt, h, z):
-            dxc_s = T.alloc_shared((NCB, D), dtype)
-            w_s = T.alloc_shared((kernel_size,), ACCUM)
+            dxc_s = dl.alloc_tile((NCB, D), io.tile)
+            w_s = dl.alloc_tile((kernel_size,), ACCUM)
             seq = tiles[bt, 0]
             r0 = tiles[bt, 1]
             if seq >= 0:
@@ -167,40 +162,41 @@ def comp_bwd_dx(D: int, dtype: str, kernel_size: int, stride: int, rows: int, th
     return main
 
 
-def comp_bwd_dw(D: int, dtype: str, kernel_size: int, stride: int, rows: int, threads: int):
+def comp_bwd_dw(D: int, dtype: str, kernel_size: int, stride: int, rows: int, threads: int, dl: Dialect = SIMT):
     BC, SPAN = _tile_shape(kernel_size, stride, rows)
     N, NC, HKV, NT, B1 = T.dynamic("N, NC, HKV, NT, B1")
-    load_span = _make_load_span(SPAN, D)
-    load_cmp = _make_load_cmp_rows(BC, D)
+    io = dl.io(dtype)
+    load_span = dl.make_copy_rows(SPAN, D, io)
+    load_cmp = _make_load_cmp_rows(BC, D, dl, io)
 
     @T.macro
     def partial(X, dXc, h, row0, cmp0, c0, n_c, span_s, dxc_s, prod, row_sum, tab_s):
-        load_span(X, h, row0, span_s)
+        load_span(X, h, row0, N, span_s)
         load_cmp(dXc, h, cmp0, c0, c0, c0 + n_c, dxc_s)
         for j in T.serial(kernel_size):
-            for c, d in T.Parallel(BC, D):
+            for c, d in dl.par(BC, D):
                 prod[c, d] = T.cast(dxc_s[c, d], ACCUM) * T.cast(span_s[c * stride + j, d], ACCUM)
             T.reduce_sum(prod, row_sum, dim=1)
-            for c in T.Parallel(BC):
+            for c in dl.par(BC):
                 tab_s[j, c] = row_sum[c]
 
     @T.prim_func
     def main(
-        K: T.Tensor((N, HKV, D), dtype),
-        V: T.Tensor((N, HKV, D), dtype),
-        dKc: T.Tensor((NC, HKV, D), dtype),
-        dVc: T.Tensor((NC, HKV, D), dtype),
+        K: T.Tensor((N, HKV, D), io.tensor),
+        V: T.Tensor((N, HKV, D), io.tensor),
+        dKc: T.Tensor((NC, HKV, D), io.tensor),
+        dVc: T.Tensor((NC, HKV, D), io.tensor),
         tiles: T.Tensor((NT, 2), INDEX),
         cu: T.Tensor((B1,), INDEX),
         cu_c: T.Tensor((B1,), INDEX),
         dW_part: T.Tensor((2, NT, HKV, kernel_size), ACCUM),
     ):
         with T.Kernel(NT, HKV, 2, threads=threads) as (bt, h, z):
-            span_s = T.alloc_shared((SPAN, D), dtype)
-            dxc_s = T.alloc_shared((BC, D), dtype)
-            tab_s = T.alloc_shared((kernel_size, BC), ACCUM)
-            prod = T.alloc_fragment((BC, D), ACCUM)
-            row_sum = T.alloc_fragment((BC,), ACCUM)
+            span_s = dl.alloc_tile((SPAN, D), io.tile)
+            dxc_s = dl.alloc_tile((BC, D), io.tile)
+            tab_s = dl.alloc_tile((kernel_size, BC), ACCUM)
+            prod = dl.alloc_acc((BC, D), ACCUM)
+            row_sum = dl.alloc_acc((BC,), ACCUM)
             seq = tiles[bt, 0]
             c0 = tiles[bt, 1]
             if seq >= 0:
@@ -211,7 +207,7 @@ def comp_bwd_dw(D: int, dtype: str, kernel_size: int, stride: int, rows: int, th
                     partial(K, dKc, h, row0, cmp0, c0, n_c, span_s, dxc_s, prod, row_sum, tab_s)
                 else:
                     partial(V, dVc, h, row0, cmp0, c0, n_c, span_s, dxc_s, prod, row_sum, tab_s)
-                for j in T.Parallel(kernel_size):
+                for j in dl.par(kernel_size):
                     dW_part[z, bt, h, j] = sum(tab_s[j, c] for c in range(BC))
 
     return main
