@@ -1,7 +1,8 @@
-"""Decode-time NSA over an :class:`fsagen.NSAKVCache`: one new token per sequence.
+"""Decode-time NSA over an :class:`fsagen.NSAKVCache`: the new tokens of a batch of sequences, one
+each, or a few (speculative decoding: draft tokens checked in one step).
 
-Each sequence's newest cached row is the new token (position ``p = length - 1``): append its k/v
-to the cache first, then call these with its query.
+The new tokens are each sequence's newest cached rows (the newest at position ``p = length - 1``):
+append their k/v to the cache first, then call these with their queries, one row per token.
 
 * :func:`nsa_decode`: the whole gated NSA output of the new tokens, in six generated launches
   and one torch top-k: ``decode_prep`` (positions, compressed counts, key ranges), cmp attention
@@ -233,20 +234,41 @@ def _check_q(q, cache, seqs, name):
         raise ValueError(f"{name}: q must be {cache.dtype} on {cache.device} with D={cache.head_dim} "
                          f"and Hq a multiple of Hkv={cache.num_kv_heads}, got {q.dtype} on {q.device}, "
                          f"shape {tuple(q.shape)}")
-    if any(cache.lengths[s] == 0 for s in seqs):
-        raise ValueError(f"{name}: every sequence needs its new token's k/v in the cache first")
+    rows = {s: seqs.count(s) for s in seqs}
+    if any(cache.lengths[s] < n for s, n in rows.items()):
+        raise ValueError(f"{name}: every sequence needs its new tokens' k/v in the cache first (a sequence listed "
+                         f"n times decodes its last n tokens); rows per sequence {rows}, cached lengths "
+                         f"{ {s: cache.lengths[s] for s in rows} }")
+
+
+def _rows(cache, seqs):
+    """The step's query rows: ``seqs`` lists a sequence once per new token, its tokens in order
+    (``[3, 3, 5]``: the last two tokens of sequence 3, the last one of 5). Returns the slots'
+    int64 indices and ``back`` int32 (how many of the sequence's later tokens are in the step),
+    both on the device and memoised per list (no host tensor on a replayed step)."""
+    seq_idx = cache.seq_index(seqs)
+
+    def build():
+        later, back = {}, []
+        for s in reversed(seqs):
+            back.append(later.get(s, 0))
+            later[s] = later.get(s, 0) + 1
+        return torch.tensor(back[::-1], dtype=torch.int32).to(seq_idx.device)
+
+    return seq_idx, _static(cache, ("back", tuple(seqs)), build)
 
 
 def _positions(cache, seqs):
-    seq_idx = cache.seq_index(seqs)
-    pos = cache.lengths_dev.index_select(0, seq_idx).long() - 1
+    seq_idx, back = _rows(cache, seqs)
+    pos = cache.lengths_dev.index_select(0, seq_idx).long() - 1 - back.long()
     return seq_idx, pos
 
 
 def decode_attention(q: torch.Tensor, cache, seqs, branch: str, *, topk_idx: torch.Tensor | None = None,
                      block_size: int | None = None, window_size: int | None = None, scale: float | None = None):
-    """o ``[B, Hq, Dv]`` (q's dtype) and natural-log lse ``[B, Hq]`` float32 of the new token of
-    each sequence in ``seqs`` (q ``[B, Hq, D]``, one row per sequence, in that order) for
+    """o ``[B, Hq, Dv]`` (q's dtype) and natural-log lse ``[B, Hq]`` float32 of the query rows
+    ``seqs`` (q ``[B, Hq, D]``, one row per entry; a sequence listed n times: its last n tokens,
+    as in :func:`nsa_decode`) for
     ``branch`` ("slc" with ``topk_idx [Hkv, B, topk]`` and ``block_size``, a multiple of the
     cache's page size; "swa" with ``window_size``; or "cmp")."""
     seqs = [cache._slot(s) for s in seqs]
@@ -286,8 +308,11 @@ def _check_block_size(cache, block_size):
 def nsa_decode(q: torch.Tensor, cache, seqs, gates: torch.Tensor, *, block_size: int, topk: int,
                init_blocks: int, local_blocks: int, window_size: int, scale: float | None = None,
                return_parts: bool = False):
-    """Gated NSA output ``[B, Hq, Dv]`` (gates' dtype, as :func:`fsagen.nsa_attention`) of the new
-    token of each sequence in ``seqs``; q ``[B, Hq, D]`` (rotated as the layer rotates it),
+    """Gated NSA output ``[B, Hq, Dv]`` (gates' dtype, as :func:`fsagen.nsa_attention`) of the B
+    query rows ``seqs``: one entry per new token, a sequence listed n times decoding its last n
+    cached tokens in order (speculative decoding: ``[3, 3, 3, 5]`` checks three draft tokens of
+    sequence 3 and one of 5; each row sees its own prefix only). q ``[B, Hq, D]`` (rotated as
+    the layer rotates it),
     gates ``[B, Hq, 3]`` or ``[B, 3]`` (cmp, slc, swa). The cache's compression windows
     (``kernel_size``, ``stride``) are the NSA ones. ``return_parts``: also a dict of ``o_cmp``,
     ``o_slc``, ``o_swa``, ``lse_*`` ``[B, Hq]`` and ``topk_idx`` ``[Hkv, B, topk]`` int32, as
@@ -308,14 +333,14 @@ def nsa_decode(q: torch.Tensor, cache, seqs, gates: torch.Tensor, *, block_size:
                          f"got {tuple(gates.shape) if isinstance(gates, torch.Tensor) else type(gates).__name__}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     ps, hkv, dev = cache.page_size, cache.num_kv_heads, q.device
-    seq_idx = cache.seq_index(seqs)
+    seq_idx, back = _rows(cache, seqs)
     spec = kernel_spec("dec", "fwd", q, cache.k_pages[0], block_size=ps)
     kern, _ = plan_and_kernel(spec, device=dev)
     i32 = lambda *shape: alloc(shape, torch.int32, dev)  # noqa: E731
 
     # positions, compressed counts, the launches' key ranges
     pos, lc, cmp_count, cmp_lo, cmp_hi, raw_lo, raw_hi = i32(b), i32(b), i32(b, hkv), i32(b), i32(b), i32(2 * b), i32(2 * b)
-    kern["decode_prep"](seq_idx, cache.lengths_dev, pos, lc, cmp_count, cmp_lo, cmp_hi, raw_lo, raw_hi,
+    kern["decode_prep"](seq_idx, back, cache.lengths_dev, pos, lc, cmp_count, cmp_lo, cmp_hi, raw_lo, raw_hi,
                         cache.kernel_size, cache.stride, ps, window_size)
 
     # cmp, writing its scores for the selection

@@ -29,7 +29,7 @@ documented sync); padded input (``attention_mask``) adds one more, reading the n
 Meta / fake tensors: everything works shape-only (see :mod:`fsagen.nsa`); the output shape is exact.
 
 Inference with a KV cache (``forward(..., cache=layer.new_cache(...))``): a prefill into empty
-slots, then decode steps of one token per sequence (:func:`fsagen.decode.nsa_decode`).  The cache
+slots, then decode steps of one token per sequence, or a few (:func:`fsagen.decode.nsa_decode`).  The cache
 pools the compression windows completed during decode with :meth:`NativeSparseAttention._compress_windows`
 from the unrotated k/v rows it keeps for them, so its compressed keys are the prefill's (same kind,
 parameters and rotary).  A cached call reads the per-sequence token counts on the host
@@ -240,14 +240,17 @@ class NativeSparseAttention(nn.Module):
         * a prefill when every slot is empty: the path above, then the sequences' raw k/v (rotated,
           kernel dtype), their compressed k/v (as the prefill computed them) and the source rows
           for later windows (unrotated k/v) go into the cache in one append;
-        * a decode step when every sequence brings exactly one new token (its slot holding its
-          prefix, or empty): projections, rotary at position = the slot's cached length, append
-          (the cache pools a window this token completes with :meth:`_compress_windows`),
-          :func:`fsagen.decode.nsa_decode` over the cache, gates inside it, output projection.
-          ``parts`` then holds ``positions`` (and nsa_decode's parts with ``return_parts``).
+        * a decode step when some slot holds a prefix: every sequence brings one new token or
+          several (speculative decoding's draft tokens, or a chunk of a prompt onto its cached
+          prefix), its slot holding its prefix or empty: projections, rotary at the tokens'
+          positions (the slot's cached length onwards), append (the cache pools the windows they
+          complete with :meth:`_compress_windows`), :func:`fsagen.decode.nsa_decode` over the
+          cache with one query row per token (each sees its own prefix), gates inside it,
+          output projection. ``parts`` then holds ``positions`` (and nsa_decode's parts with
+          ``return_parts``). A row costs a decode's reads: long chunks are better prefilled
+          whole into an empty slot.
 
-        More than one new token onto a slot holding a prefix (chunked prefill) raises: the prefill
-        kernels take no query offset.  Packed x without ``cu_seqlens`` is one sequence, or with
+        Packed x without ``cu_seqlens`` is one sequence, or with
         ``cache_seqs`` of B > 1 slots, B sequences of one token each (x ``[B, hidden]``).  The cache
         is checked (its geometry against the layer's, the slots, room for the new rows, its block
         tables) before anything is written; a failed call leaves it unchanged.
@@ -457,23 +460,14 @@ class NativeSparseAttention(nn.Module):
                 counts = _host_counts(cu, x)
         seqs = _cache_slots(cache, cache_seqs, len(counts))
         held = [cache.lengths[s] for s in seqs]
-        decode = all(c == 1 for c in counts) and any(held)
-        if not decode and any(held):
-            rule = "a call is a prefill (every slot empty) or a decode step (one new token per sequence)"
-            got = f"counts {counts} onto lengths {held}"
-            chunked = [i for i, (n, c) in enumerate(zip(held, counts)) if n and c != 1]
-            if chunked:
-                i = chunked[0]
-                fail(ValueError, "cache", f"{rule}; slot {seqs[i]} holds {held[i]} tokens and gets {counts[i]}: "
-                                          "chunked prefill onto a cached prefix is not supported (the prefill kernels "
-                                          "take no query offset): decode it token by token, or release the slot and "
-                                          "prefill the whole sequence", got)
-            i, j = next(i for i, n in enumerate(held) if n), next(j for j, c in enumerate(counts) if c != 1)
-            fail(ValueError, "cache", f"{rule}; slot {seqs[j]} gets {counts[j]} tokens (a prefill) while slot "
-                                      f"{seqs[i]} holds {held[i]} (a decode step): run them in separate calls", got)
+        decode = any(held)
+        if decode and not all(counts):
+            i = counts.index(0)
+            fail(ValueError, "cache", f"a decode step brings every sequence at least one token; slot {seqs[i]} gets 0",
+                 f"counts {counts} onto lengths {held}")
         cache.check_append(seqs, counts)
         if decode:
-            out, parts = self._decode(xp, cache, seqs, return_parts)
+            out, parts = self._decode(xp, cache, seqs, counts, return_parts)
         else:
             def write(k, v, k_cmp, v_cmp, k_src, v_src):
                 cache.append(seqs, k, v, counts, source=(k_src, v_src), compressed=(k_cmp, v_cmp))
@@ -486,24 +480,41 @@ class NativeSparseAttention(nn.Module):
             return self._unpack(out, parts, index, x.shape, return_parts)
         return (out, parts) if return_parts else out
 
-    def _decode(self, x: Tensor, cache, seqs: list[int], return_parts: bool) -> tuple[Tensor, dict]:
-        """One new token per sequence (x ``[B, hidden]``) through the cache."""
+    def _decode(self, x: Tensor, cache, seqs: list[int], counts: list[int], return_parts: bool) -> tuple[Tensor, dict]:
+        """``counts[i]`` new tokens of slot ``seqs[i]`` (x ``[sum(counts), hidden]``, packed in that
+        order) through the cache: appended, then decoded as query rows that each see their own
+        prefix (``nsa_decode`` rows; at most ``DECODE_ROWS`` per launch)."""
         from fsagen import decode
 
-        spec, b = self.spec, x.shape[0]
+        spec = self.spec
         q, k, v, gates, work = self._project(x)
-        pos = torch.tensor([cache.lengths[s] for s in seqs], dtype=torch.int64, device=x.device)
+        pos = torch.tensor([cache.lengths[s] + t for s, c in zip(seqs, counts) for t in range(c)], dtype=torch.int64,
+                           device=x.device)
         k_src, v_src = k.to(work), v.to(work)
         if self.rope_theta is not None:
             q, k = rotary(q, pos, self.rope_theta), rotary(k, pos, self.rope_theta)
         kd = self.kernel_dtype
-        cache.append(seqs, k.to(kd), v.to(kd), [1] * b, source=(k_src, v_src))
-        res = decode.nsa_decode(q.to(kd), cache, seqs, gates, block_size=spec.block_size, topk=spec.topk,
-                                init_blocks=spec.init_blocks, local_blocks=spec.local_blocks,
-                                window_size=spec.window_size, return_parts=return_parts)
-        o, parts = res if return_parts else (res, {})
+        cache.append(seqs, k.to(kd), v.to(kd), counts, source=(k_src, v_src))
+        rows = [s for s, c in zip(seqs, counts) for _ in range(c)]
+        outs, chunks = [], []
+        for r0 in range(0, len(rows), DECODE_ROWS):
+            r1 = r0 + DECODE_ROWS
+            res = decode.nsa_decode(q[r0:r1].to(kd), cache, rows[r0:r1], gates[r0:r1], block_size=spec.block_size,
+                                    topk=spec.topk, init_blocks=spec.init_blocks, local_blocks=spec.local_blocks,
+                                    window_size=spec.window_size, return_parts=return_parts)
+            o, part = res if return_parts else (res, {})
+            outs.append(o)
+            chunks.append(part)
+        o = torch.cat(outs) if len(outs) > 1 else outs[0]
+        parts = {name: torch.cat([c[name] for c in chunks], dim=1 if name == "topk_idx" else 0)
+                 for name in chunks[0]} if len(chunks) > 1 else chunks[0]
         parts = dict(parts, positions=pos)
-        return self.o_proj(o.reshape(b, spec.num_q_heads * spec.head_dim).to(q.dtype)), parts
+        return self.o_proj(o.reshape(len(rows), spec.num_q_heads * spec.head_dim).to(q.dtype)), parts
+
+
+# Query rows per nsa_decode launch on the layer's cache path (its score buffer is rows x Hq x the
+# cache's compressed capacity in float32): a long chunk onto a prefix is decoded in pieces.
+DECODE_ROWS = 256
 
 
 def _host_counts(cu: Tensor, x: Tensor) -> list[int]:

@@ -2,7 +2,7 @@
 
 Where the prefill glue is replaced by its float64 stubs (shapes the CPU kernels do not take), tests
 install this function as ``fsagen.decode.nsa_decode`` (fixture ``standin_decode``). It has the kernel's contract: the gated
-NSA output of the newest cached token of each sequence, from the cache's contents alone (raw rows
+NSA output of the query rows (a sequence's newest cached token, its last n for a sequence listed n times), from the cache's contents alone (raw rows
 from the pages, compressed tokens from the compressed store), computed by
 :func:`fsagen.reference_decode.nsa_decode_reference` and returned in the gates' dtype. Because it reads
 only what the cache holds, a layer that wrote the cache wrongly gets the wrong answer.
@@ -16,10 +16,10 @@ from fsagen.reference_decode import nsa_decode_reference
 def nsa_decode_standin(q, cache, seqs, gates, *, block_size, topk, init_blocks, local_blocks, window_size,
                        scale=None, return_parts=False):
     outs, parts = [], []
-    for b, s in enumerate(seqs):
+    for b, s in enumerate(seqs):  # a sequence listed n times: its last n tokens, in order
         k, v = cache.raw(s)
         k_cmp, v_cmp = cache.compressed(s)
-        pos = torch.tensor([cache.lengths[s] - 1], device=q.device)
+        pos = torch.tensor([cache.lengths[s] - 1 - list(seqs[b + 1:]).count(s)], device=q.device)
         o, p = nsa_decode_reference(q[b:b + 1], k, v, k_cmp, v_cmp, pos, gates[b:b + 1], kernel_size=cache.kernel_size,
                                     stride=cache.stride, block_size=block_size, topk=topk, init_blocks=init_blocks,
                                     local_blocks=local_blocks, window_size=window_size, scale=scale,

@@ -201,6 +201,41 @@ def test_cpu_stage_checks_its_arguments():
         fn(q, k, v, tiles, cu, cu, o, lse[..., None], 20, 0, 0.1)
 
 
+def test_nsa_decode_several_tokens_per_sequence_on_cpu():
+    """Speculative decoding: a sequence listed n times decodes its last n tokens in one step, each
+    row seeing its own prefix (its windows, blocks and window; not the later draft tokens). Rows of
+    one sequence need not be adjacent. Every row against the float64 reference at its position."""
+    from fsagen.decode import nsa_decode
+    from fsagen.kv_cache import NSAKVCache
+    from fsagen.reference_decode import nsa_decode_reference
+    from fsagen.testing import rel_err
+
+    # 1 token of seq 0; 3 of seq 1 (positions 63..65: a window completes at 63, a block starts at 64);
+    # 4 of seq 2 (94..97: a window completes at 95)
+    lengths, page, bs, topk, window = [33, 66, 98], 16, 32, 3, 20
+    rows = [0, 1, 1, 2, 1, 2, 2, 2]
+    rules = dict(block_size=bs, topk=topk, init_blocks=1, local_blocks=1, window_size=window)
+    gen = torch.Generator().manual_seed(4)
+    cache = NSAKVCache(len(lengths), 64, page, 128, HKV, D, kernel_size=KS, stride=STRIDE, dtype=BF16)
+    cache.append([0, 1, 2], *(torch.randn(sum(lengths), HKV, D, generator=gen).to(BF16) for _ in range(2)), lengths)
+    q = torch.randn(len(rows), HKV * G, D, generator=gen).to(BF16)
+    gates = torch.rand(len(rows), 3, generator=gen)
+    o, parts = nsa_decode(q, cache, rows, gates, **rules, return_parts=True)
+    for s, n in enumerate(lengths):
+        mine = [r for r, t in enumerate(rows) if t == s]
+        positions = torch.arange(n - len(mine), n)
+        kr, vr = cache.raw(s)
+        kc, vc = cache.compressed(s)
+        ro, rp = nsa_decode_reference(q[mine], kr, vr, kc, vc, positions, gates[mine].double(), kernel_size=KS,
+                                      stride=STRIDE, **rules, return_parts=True)
+        assert torch.equal(parts["topk_idx"][:, mine], rp["topk_idx"]), f"sequence {s}: selection differs"
+        for name, got, want in (("o", o[mine], ro), *((k, parts[k][mine], rp[k]) for k in ("o_cmp", "o_slc", "o_swa"))):
+            err = rel_err(got, want)
+            assert err < 1e-2, f"sequence {s} rows {mine}: {name} rel err {err}"
+    with pytest.raises(ValueError, match="last n tokens"):
+        nsa_decode(q[:1].expand(40, -1, -1).contiguous(), cache, [0] * 40, gates[:1].expand(40, -1), **rules)
+
+
 def test_cpu_artifact_holds_c_source_and_library():
     fn = _swa_fwd_stage()
     source = fn.library.with_suffix(".c").read_text()

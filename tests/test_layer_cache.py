@@ -121,6 +121,35 @@ def test_decode_equals_the_last_row_of_a_full_prefill(decode_log, gate, rope):
             assert rel_err(outs[i, b], kernels[b]) < TOL, (i, b, lengths[b])
 
 
+def test_several_tokens_per_sequence_equal_a_full_prefill(decode_log):
+    """One call bringing several tokens per slot (speculative drafts; a chunk onto a prefix; an
+    empty slot's first tokens) after a prefill: each row equals the same row of a prefill of the
+    whole sequence (kernels) and of the float64 oracle, and the cache equals the whole prefill's."""
+    layer = _layer("weighted")
+    counts = [3, 1, 18, 4]  # 31 -> 34 (a window end at 31); 47 -> 48; 64 -> 82 (a window, a block); empty -> 4
+    prompts = [31, 47, 64, 0]
+    xs = _inputs([p + c for p, c in zip(prompts, counts)], seed=3)
+    cache = layer.new_cache(len(xs), 90, page_size=PAGE)
+    with torch.no_grad():
+        layer(torch.cat([x[:p] for x, p in zip(xs, prompts)]), _cu(prompts), cache=cache)
+        out = layer(torch.cat([x[p:] for x, p in zip(xs, prompts)]), _cu(counts), cache=cache)
+        x_all, cu_all = torch.cat(xs), _cu([x.shape[0] for x in xs])
+        kernels = layer(x_all, cu_all)
+        oracle = nsa_layer_reference(layer, x_all, cu_all)
+    whole = layer.new_cache(len(xs), 90, page_size=PAGE)
+    with torch.no_grad():
+        layer(x_all, cu_all, cache=whole)
+    row = 0
+    for s, (x, p, c) in enumerate(zip(xs, prompts, counts)):
+        first = int(cu_all[s]) + p
+        for t in range(c):
+            assert rel_err(out[row], oracle[first + t]) < TOL, (s, t)
+            assert rel_err(out[row], kernels[first + t]) < TOL, (s, t)
+            row += 1
+        for a, b in zip(cache.raw(s) + cache.compressed(s), whole.raw(s) + whole.compressed(s)):
+            assert torch.equal(a, b), f"slot {s}"
+
+
 def test_padded_input_matches_packed(decode_log):
     layer = _layer("mean")
     xs = _inputs([p + STEPS for p in PROMPTS], seed=3)
@@ -190,11 +219,9 @@ def test_bad_calls_raise_and_leave_the_cache_unchanged(decode_log):
         (lambda: layer(one, _cu([1, 1]), cache=cache, cache_seqs=[0]), ValueError, r"^cache_seqs: must list one"),
         (lambda: layer(one, cache=cache, cache_seqs=[0, 1, 2]), ValueError, r"^x: without cu_seqlens"),
         (lambda: layer(one, cache_seqs=[0, 1]), ValueError, r"^cache_seqs: names cache slots"),
-        # chunked prefill onto a prefix, and a prefill mixed with a decode
-        (lambda: layer(one, cache=cache, cache_seqs=[0]), ValueError,
-         r"^cache: .*slot 0 holds 40 tokens and gets 2: chunked prefill onto a cached prefix is not supported"),
-        (lambda: layer(torch.randn(3, HIDDEN), _cu([1, 2]), cache=cache, cache_seqs=[0, 2]), ValueError,
-         r"^cache: .*slot 2 gets 2 tokens \(a prefill\) while slot 0 holds 40 \(a decode step\)"),
+        # a decode step with a sequence that brings nothing
+        (lambda: layer(one, _cu([2, 0]), cache=cache, cache_seqs=[0, 1]), ValueError,
+         r"^cache: a decode step brings every sequence at least one token; slot 1 gets 0"),
         # room: max_len (48) and pages (6 x 16 rows, 4 + 2 in use)
         (lambda: layer(torch.randn(49, HIDDEN), cache=cache, cache_seqs=[2]), ValueError, "over max_len=48"),
         (lambda: layer(torch.randn(17, HIDDEN), cache=cache, cache_seqs=[2]), RuntimeError, "needs 2 free pages"),

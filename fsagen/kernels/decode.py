@@ -139,8 +139,9 @@ def _lane_loop(dl: Dialect):
 
 
 def decode_prep(dl: Dialect = SIMT):
-    """Per sequence of a step, from the cache's device lengths (no host read): the new token's
-    position ``pos = length - 1``, its compressed tokens ``num_cmp``, the cmp launch's tile counts
+    """Per query row of a step (a new token of sequence ``seq_idx[b]``, ``back[b]`` tokens before
+    its newest), from the cache's device lengths (no host read): the token's position
+    ``pos = length - 1 - back``, the compressed tokens it sees ``num_cmp``, the cmp launch's tile counts
     (``ceil(num_cmp / page)`` per kv head) and key range ``(-1, num_cmp - 1]``, and the key ranges
     of the slc+swa launch's ``2B`` rows: ``(-1, pos]`` (slc, rows ``< B``) and
     ``(pos - window, pos]`` (swa)."""
@@ -149,6 +150,7 @@ def decode_prep(dl: Dialect = SIMT):
     @T.prim_func
     def main(
         seq_idx: T.Tensor((B,), "int64"),
+        back: T.Tensor((B,), INDEX),
         lengths: T.Tensor((NSEQ,), INDEX),
         pos: T.Tensor((B,), INDEX),
         num_cmp: T.Tensor((B,), INDEX),
@@ -168,7 +170,7 @@ def decode_prep(dl: Dialect = SIMT):
             for lane in _lane_loop(dl):
                 b = bx * LANES + dl.lane_id(lane)
                 if b < B:
-                    length = lengths[seq_idx[b]]
+                    length = lengths[seq_idx[b]] - back[b]  # the row's token is the newest here
                     lc = T.if_then_else(length >= kernel_size, (length - kernel_size) // stride + 1, 0)
                     pos[b] = length - 1
                     num_cmp[b] = lc

@@ -158,3 +158,32 @@ def test_nsa_decode_cuda_graph_replay(G):
         err = rel_err(static_o, eager.double())
         log_errors("decode-gpu", f"graph replay G={G} step {step}", {"o": err}, ("o",))
         assert err < 1e-6, f"step {step}: graph replay differs from the eager step ({err})"
+
+
+@pytest.mark.parametrize("G", [1, 4, 16])
+def test_nsa_decode_several_tokens_per_sequence(G, monkeypatch):
+    """Speculative decoding: each sequence's last 1..4 tokens as rows of one step (rows of a
+    sequence interleaved with others'); each row against the reference at its own position
+    (selection block for block, o within tolerance)."""
+    monkeypatch.setenv("FSAGEN_POISON", "1")
+    window, dtype, D = 100, torch.bfloat16, 128
+    cache, seqs, _ = _filled_cache(G, D, dtype, 31 * G)
+    per_seq = [1 + i % 4 for i in range(len(seqs))]
+    rows = [s for t in range(4) for s in seqs if t < per_seq[s]]  # round-robin: rows of a sequence not adjacent
+    gen = torch.Generator(device="cuda").manual_seed(G)
+    q = torch.randn(len(rows), HKV * G, D, device="cuda", generator=gen).to(dtype)
+    gates = torch.rand(len(rows), 3, device="cuda", generator=gen)
+    o, parts = nsa_decode(q, cache, rows, gates, **_nsa_kwargs(window), return_parts=True)
+    errs = {"o": 0.0}
+    for s, n in enumerate(cache.lengths):
+        mine = [r for r, t in enumerate(rows) if t == s]
+        kr, vr = cache.raw(s)
+        kc, vc = cache.compressed(s)
+        ro, rp = nsa_decode_reference(q[mine], kr, vr, kc, vc, torch.arange(n - len(mine), n, device="cuda"),
+                                      gates[mine].double(), kernel_size=KS, stride=S, block_size=BS, topk=TOPK,
+                                      init_blocks=INIT, local_blocks=LOCAL, window_size=window, return_parts=True)
+        assert torch.equal(parts["topk_idx"][:, mine], rp["topk_idx"]), f"G={G} sequence {s}: selection differs"
+        errs["o"] = max(errs["o"], rel_err(o[mine], ro))
+    case = f"nsa_decode rows {per_seq} tokens per sequence G={G} lengths={LENGTHS}"
+    log_errors("decode-gpu", case, errs, ("o",))
+    assert not torch.isnan(o).any() and errs["o"] < TOL[dtype], f"{case}: {errs}"
