@@ -112,7 +112,8 @@ KERNEL_ARGS = ["--hidden", "128", "--layers", "2", "--heads", "4", "--kv-heads",
 @pytest.mark.parametrize("seed", [0, 1])
 def test_greedy_with_the_cache_equals_recomputing_the_prefix(ex, decode_log, seed):
     """Prefill through the CPU kernels into the caches, then batched decode steps through the
-    decode kernels: the same tokens as rerunning the whole prefix through the kernels each step."""
+    decode kernels, by hand and through ``model.generate``: the same tokens as rerunning the whole
+    prefix through the kernels each step."""
     args = ex.parse_args(KERNEL_ARGS + ["--seed", str(seed)])
     model = ex.build_model(args, "cpu").eval()
     ids, mask = ex.left_padded_batch(args, args.prompt_len, torch.Generator().manual_seed(seed), "cpu")
@@ -121,6 +122,9 @@ def test_greedy_with_the_cache_equals_recomputing_the_prefix(ex, decode_log, see
     assert cached.shape == (3, 62 + 6)
     assert torch.equal(cached, recomputed), (cached[:, 62:].tolist(), recomputed[:, 62:].tolist())
     assert len(decode_log) == 2 * 5 and all(seqs == [0, 1, 2] for seqs in decode_log)
+    generated = ex.generate_with_cache(model, ids, mask, args.new_tokens, "cpu", page_size=16)  # transformers' loop
+    assert torch.equal(generated, recomputed), (generated[:, 62:].tolist(), recomputed[:, 62:].tolist())
+    assert len(decode_log) == 2 * 10
 
 
 def test_model_cache_bookkeeping_and_errors(ex, decode_log):
