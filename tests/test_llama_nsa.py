@@ -94,7 +94,8 @@ def test_train_step_and_generate(ex, args, stub_glue, standin_decode):
     assert res["loss_before"] > res["loss_after"] > 0  # one AdamW step at lr 1e-3 on its own batch
     assert res["agree"] and len(res["new_tokens"]) == 2 and all(len(t) == 3 for t in res["new_tokens"])
     assert res["cache_agree"] and res["cached"] == res["by_hand"] and res["prompt_lengths"] == [30, 21]
-    assert len(standin_decode) == 2 * 2  # (new tokens - 1) decode steps x 2 layers
+    assert res["generate_cache_agree"]
+    assert len(standin_decode) == 2 * 2 * 2  # (new tokens - 1) decode steps x 2 layers, by hand and by generate()
     text = ex.report(args, res, "cpu (reference stubs)")
     assert res["gap"] > 0 and "identical: yes" in text and "2 attention layers replaced" in text
     assert "identical to the recomputing loop: yes" in text
