@@ -16,7 +16,7 @@ A small randomly initialised ``LlamaForCausalLM`` is built, every decoder layer'
    through ``model.generate(past_key_values=NSAModelCache(...))`` (:func:`generate_with_cache`);
    checked token for token against the recomputing loop of 2.
 
-How the swap works (transformers 5.x, tested with 5.18.0):
+How the swap works (transformers 5.x, tested with 5.17.0, 5.18.0 and 5.25.0):
 
 * ``LlamaAttention.forward(hidden_states, position_embeddings, attention_mask, past_key_values,
   **kwargs) -> (output, weights)`` is what a decoder layer calls.  :class:`NSALlamaAttention` keeps
@@ -116,12 +116,16 @@ class NSALlamaAttention(nn.Module):
         return new
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
-                past_key_values=None, position_ids=None, **kwargs):
+                past_key_values=None, position_ids=None, cache=None, **kwargs):
         """``(output [B, T, hidden], None)`` like ``LlamaAttention``; ``position_embeddings`` are not used
         (the layer rotates by each token's position within its sequence, see the module docstring).
         With an :class:`NSAModelCache` as ``past_key_values``: a prefill (empty cache) or a decode step
         (one new token per row) through this layer's ``NSAKVCache``; the mask's last T columns are the
-        new tokens'."""
+        new tokens'. The cache arrives as ``past_key_values`` (transformers up to 5.2x) or ``cache``
+        (later versions, which renamed it)."""
+        if past_key_values is not None and cache is not None and past_key_values is not cache:
+            fail(ValueError, "cache", "and past_key_values name the same thing: pass one", "both")
+        past_key_values = cache if past_key_values is None else past_key_values
         if kwargs.get("past_key_value") is not None or \
                 (past_key_values is not None and not isinstance(past_key_values, NSAModelCache)):
             fail(NotImplementedError, "past_key_values", "NSALlamaAttention keeps its keys in an NSAModelCache only: "
