@@ -276,6 +276,8 @@ def decode_attention(q: torch.Tensor, cache, seqs, branch: str, *, topk_idx: tor
         raise ValueError(f"decode_attention: branch must be one of {BRANCHES}, got {branch!r}")
     _check_q(q, cache, seqs, "decode_attention")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not seqs:  # no rows: nothing to launch
+        return q.new_zeros((0, q.shape[1], cache.v_head_dim)), q.new_zeros((0, q.shape[1]), dtype=torch.float32)
     seq_idx, pos = _positions(cache, seqs)
     if branch == "slc":
         if topk_idx is None or not isinstance(block_size, int) or topk_idx.ndim != 3 \
@@ -332,6 +334,14 @@ def nsa_decode(q: torch.Tensor, cache, seqs, gates: torch.Tensor, *, block_size:
         raise ValueError(f"nsa_decode: gates must be a floating tensor [B={b}, Hq={hq}, 3] or [B, 3] on {q.device}, "
                          f"got {tuple(gates.shape) if isinstance(gates, torch.Tensor) else type(gates).__name__}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if b == 0:  # no rows: nothing to launch (a CUDA grid of 0 CTAs is an error)
+        o = q.new_zeros((0, hq, cache.v_head_dim), dtype=gates.dtype)
+        if not return_parts:
+            return o
+        empty = q.new_zeros((0, hq))
+        return o, {"o_cmp": o.to(q.dtype), "o_slc": o.to(q.dtype), "o_swa": o.to(q.dtype), "lse_cmp": empty.float(),
+                   "lse_slc": empty.float(), "lse_swa": empty.float(),
+                   "topk_idx": q.new_zeros((cache.num_kv_heads, 0, topk), dtype=torch.int32)}
     ps, hkv, dev = cache.page_size, cache.num_kv_heads, q.device
     seq_idx, back = _rows(cache, seqs)
     spec = kernel_spec("dec", "fwd", q, cache.k_pages[0], block_size=ps)

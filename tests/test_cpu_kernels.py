@@ -232,6 +232,8 @@ def test_nsa_decode_several_tokens_per_sequence_on_cpu():
         for name, got, want in (("o", o[mine], ro), *((k, parts[k][mine], rp[k]) for k in ("o_cmp", "o_slc", "o_swa"))):
             err = rel_err(got, want)
             assert err < 1e-2, f"sequence {s} rows {mine}: {name} rel err {err}"
+    none, none_parts = nsa_decode(q[:0], cache, [], gates[:0], **rules, return_parts=True)  # no rows: no launch
+    assert none.shape == (0, HKV * G, D) and none_parts["topk_idx"].shape == (HKV, 0, topk)
     with pytest.raises(ValueError, match="last n tokens"):
         nsa_decode(q[:1].expand(40, -1, -1).contiguous(), cache, [0] * 40, gates[:1].expand(40, -1), **rules)
 
