@@ -204,8 +204,9 @@ def test_cpu_stage_checks_its_arguments():
 def test_nsa_decode_several_tokens_per_sequence_on_cpu():
     """Speculative decoding: a sequence listed n times decodes its last n tokens in one step, each
     row seeing its own prefix (its windows, blocks and window; not the later draft tokens). Rows of
-    one sequence need not be adjacent. Every row against the float64 reference at its position."""
-    from fsagen.decode import nsa_decode
+    one sequence need not be adjacent. Every row against the float64 reference at its position, through
+    nsa_decode and through decode_attention (per branch)."""
+    from fsagen.decode import decode_attention, nsa_decode
     from fsagen.kv_cache import NSAKVCache
     from fsagen.reference_decode import nsa_decode_reference
     from fsagen.testing import rel_err
@@ -221,6 +222,9 @@ def test_nsa_decode_several_tokens_per_sequence_on_cpu():
     q = torch.randn(len(rows), HKV * G, D, generator=gen).to(BF16)
     gates = torch.rand(len(rows), 3, generator=gen)
     o, parts = nsa_decode(q, cache, rows, gates, **rules, return_parts=True)
+    branch_outs = {"swa": decode_attention(q, cache, rows, "swa", window_size=window)[0],
+                   "cmp": decode_attention(q, cache, rows, "cmp")[0],
+                   "slc": decode_attention(q, cache, rows, "slc", topk_idx=parts["topk_idx"], block_size=bs)[0]}
     for s, n in enumerate(lengths):
         mine = [r for r, t in enumerate(rows) if t == s]
         positions = torch.arange(n - len(mine), n)
@@ -232,6 +236,9 @@ def test_nsa_decode_several_tokens_per_sequence_on_cpu():
         for name, got, want in (("o", o[mine], ro), *((k, parts[k][mine], rp[k]) for k in ("o_cmp", "o_slc", "o_swa"))):
             err = rel_err(got, want)
             assert err < 1e-2, f"sequence {s} rows {mine}: {name} rel err {err}"
+        for name, got in branch_outs.items():  # decode_attention takes the same rows
+            err = rel_err(got[mine], rp[f"o_{name}"])
+            assert err < 1e-2, f"decode_attention {name}: sequence {s} rows {mine}: rel err {err}"
     none, none_parts = nsa_decode(q[:0], cache, [], gates[:0], **rules, return_parts=True)  # no rows: no launch
     assert none.shape == (0, HKV * G, D) and none_parts["topk_idx"].shape == (HKV, 0, topk)
     with pytest.raises(ValueError, match="last n tokens"):
