@@ -58,17 +58,15 @@ def _compact(valid):
     return order, valid.sum(dim=-1, dtype=torch.int32)
 
 
-def _raw_tiles(cache, seq_idx, pos, page_no, valid_first=False):
+def _raw_tiles(cache, seq_idx, pos, page_no):
     """(tile_page, tile_pos, tile_count) of raw-pool pages ``page_no [B, Hkv, NT]`` (page numbers
-    within each sequence, -1 = none) of the sequences ``seq_idx`` whose newest position is ``pos``.
-    ``valid_first``: the caller's valid pages already come first (no compaction)."""
+    within each sequence, -1 = none) of the sequences ``seq_idx`` whose newest position is ``pos``,
+    valid pages first."""
     ps = cache.page_size
     table = cache.block_table_dev.index_select(0, seq_idx)  # [B, max_pages]
     valid = (page_no >= 0) & (page_no <= (pos // ps)[:, None, None])
     got = torch.gather(table, 1, page_no.clamp(0, table.shape[1] - 1).flatten(1)).view_as(page_no)
     page = torch.where(valid, got, 0)
-    if valid_first:
-        return page, page_no * ps, valid.sum(dim=-1, dtype=torch.int32)
     order, count = _compact(valid)
     return torch.gather(page, 2, order), torch.gather(page_no, 2, order) * ps, count
 
@@ -93,29 +91,29 @@ def _swa_pages(cache, pos, window_size):
     return page_no[:, None, :].expand(-1, cache.num_kv_heads, -1)
 
 
-def _cmp_tiles(cache, seq_idx, lc):
-    """(tile_page, tile_pos, tile_count) of the compressed store viewed as a pool: sequence s's
-    compressed rows are pages ``s * per_seq ..`` (``NSAKVCache.compressed_pool``)."""
+def _cmp_static_tiles(cache, seq_idx):
+    """(tile_page, tile_pos) of the compressed store viewed as a pool for the sequences ``seq_idx``:
+    sequence s's compressed rows are pages ``s * per_seq ..`` (``NSAKVCache.compressed_pool``).
+    They depend on the geometry only: built once per cache and sequence list."""
     ps, hkv = cache.page_size, cache.num_kv_heads
     per_seq = cache.max_cmp // ps
     b = seq_idx.shape[0]
 
     def build():
-        i = torch.arange(per_seq, device=lc.device)
+        i = torch.arange(per_seq, device=seq_idx.device)
         page = (seq_idx[:, None] * per_seq + i[None, :]).to(torch.int32)
         return (page[:, None, :].expand(b, hkv, -1).contiguous(),
                 (i * ps).to(torch.int32)[None, None, :].expand(b, hkv, -1).contiguous())
 
-    page, pos = _static(cache, ("cmp", seq_idx.data_ptr(), b), build)
-    count = ((lc + ps - 1) // ps).to(torch.int32)
-    return page, pos, count[:, None].expand(b, hkv)
+    return _static(cache, ("cmp", seq_idx.data_ptr(), b), build)
 
 
-def _cmp_static_tiles(cache, seq_idx):
-    """(tile_page, tile_pos) of the compressed store for the sequences ``seq_idx`` (their counts
-    depend on the lengths: ``decode_prep`` writes them)."""
-    page, pos, _ = _cmp_tiles(cache, seq_idx, torch.zeros(seq_idx.shape[0], dtype=torch.int32, device=seq_idx.device))
-    return page, pos
+def _cmp_tiles(cache, seq_idx, lc):
+    """(tile_page, tile_pos, tile_count) of the compressed store: :func:`_cmp_static_tiles` and
+    the count of pages holding the ``lc`` compressed tokens of each row."""
+    page, pos = _cmp_static_tiles(cache, seq_idx)
+    count = ((lc + cache.page_size - 1) // cache.page_size).to(torch.int32)
+    return page, pos, count[:, None].expand(seq_idx.shape[0], cache.num_kv_heads)
 
 
 # --------------------------------------------------------------------------- launches
@@ -138,7 +136,6 @@ def _run_split(kern, stage, q, pools, tiles, lo, hi, scale, scores_len=0):
     kern[stage](q, flat(k_pool), flat(v_pool), tile_page, tile_pos, count, lo, hi, o_part, lse_part, s_out,
                 per_split, float(scale))
     return o_part, lse_part, s_out
-
 
 
 def _launch(q, k_pool, v_pool, tiles, lo, hi, scale, page_size):

@@ -115,3 +115,11 @@ def test_selection_stages_match_torch(device, g, page, dim, blocks_per_page, top
                 n = int(count[i, h])
                 assert tile_page[row0 + i, h, :n].cpu().tolist() == w_page[i, h, :n].tolist(), (row0, i, h)
                 assert tile_pos[row0 + i, h, :n].cpu().tolist() == w_pos[i, h, :n].tolist(), (row0, i, h)
+
+
+def test_glue_knows_the_tile_kernels_lanes():
+    """nsa_decode rejects a topk the decode_tiles kernel cannot sort; its bound is the kernel's lane count."""
+    from fsagen import decode
+    from fsagen.kernels import decode as decode_kernels
+
+    assert decode._TILE_LANES == decode_kernels.LANES

@@ -134,7 +134,7 @@ LANES = 128
 
 
 def _lane_loop(dl: Dialect):
-    """``for lane in lanes(dl): i = lane_index(dl, lane)``: the CTA's LANES lanes."""
+    """The CTA's LANES lanes: ``for lane in _lane_loop(dl): i = dl.lane_id(lane)``."""
     return T.serial(dl.lanes(LANES))
 
 
