@@ -264,6 +264,7 @@ def find_artifact(arch: str, name: str) -> Path | None:
 def artifact_ref(spec: KernelSpec, plan: Plan, arch: str) -> tuple[str, dict]:
     """(name, key) of the artifact of (spec, plan) for `arch`; cheap (no TileLang import)."""
     schedule = load_schedule(arch)
+    plan = plan.program_plan()
     key = artifact_key(spec, plan, schedule.arch, schedule.target)
     return artifact_name(spec, plan, key), key
 
@@ -275,6 +276,7 @@ def ensure_artifact(spec: KernelSpec, plan: Plan, arch: str, root: Path | None =
     with `root` given (AOT builds) only that root is looked at.
     """
     schedule = load_schedule(arch)
+    plan = plan.program_plan()
     name, key = artifact_ref(spec, plan, arch)
     if root is None:
         found = find_artifact(schedule.arch, name)
@@ -304,7 +306,7 @@ def get_kernel(spec: KernelSpec, plan: Plan | None = None, arch: str | None = No
     """
     schedule = load_schedule(arch or detect_arch())
     arch = schedule.arch
-    plan = plan or schedule.plan(spec)
+    plan = (plan or schedule.plan(spec)).program_plan()
     memo_key = (spec, plan, arch)
     kernel = _loaded.get(memo_key)
     if kernel is None:

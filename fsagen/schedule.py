@@ -41,7 +41,12 @@ KNOBS: dict[str, tuple[type, object, str]] = {
     "bulk_copy": (bool, lambda v: True, "true or false"),
     "scatter": (str, lambda v: v in ("x2", "x4", "tma"), 'one of "x2", "x4", "tma"'),
     "q_split": (int, lambda v: v >= 0, ">= 0"),
+    "chunk_rows": (int, lambda v: v >= 0, ">= 0"),
 }
+
+# Knobs read by the host glue only, never by a program: they are left out of the plan an artifact
+# is built from and named by (Plan.program_plan), so retuning them renames no artifact.
+GLUE_KNOBS = frozenset({"chunk_rows"})
 
 # Knob values that need a newer GPU than the schedule's [target] arch: (knob, value) -> the lowest
 # SM version that can run them (scatter "tma": TMA bulk reduce-adds, Hopper and later).
@@ -79,6 +84,10 @@ class Plan:
 
     def to_dict(self) -> dict:
         return {"loop_order": self.loop_order, "knobs": dict(self.knobs)}
+
+    def program_plan(self) -> "Plan":
+        """This plan without its glue-only knobs (``GLUE_KNOBS``): what the programs are built from."""
+        return Plan(self.loop_order, tuple((k, v) for k, v in self.knobs if k not in GLUE_KNOBS))
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":

@@ -32,6 +32,13 @@ def _kernel(q, k, topk_idx, block_size, phase, loop_order):
     return plan_and_kernel(_spec(q, k, topk_idx, block_size, phase), loop_order, q.device)
 
 
+def _query_chunk(plan, G):
+    """Query tokens per chunk of the KV-outer index (``slc_index``): the plan's ``chunk_rows``
+    float32 accumulator rows over the G heads of a token; 0 = no chunking."""
+    rows = plan.knob("chunk_rows")
+    return max(rows // G, 1) if rows else 0
+
+
 def _head_chunks(num_tokens, num_kv_heads, topk, acc_floats_per_head_token):
     """Kv-head ranges whose float32 buffers (``acc_floats_per_head_token`` per token and kv head)
     and block index (~32 bytes an entry) fit ``FSAGEN_CHUNK_BYTES`` (``glue.head_chunks``)."""
@@ -56,7 +63,8 @@ def slc_forward(q, k, v, topk_idx, cu_seqlens, block_size, scale, loop_order=Non
     lse2 = torch.empty((N, Hq), dtype=torch.float32, device=q.device)
     for h_lo, h_hi in _head_chunks(N, Hkv, topk, G * (Dv + topk)):  # o_acc + part
         heads = slice(h_lo * G, h_hi * G)
-        index = build_block_index(topk_idx[h_lo:h_hi], layout, block_size, h_lo, per_item)
+        index = build_block_index(topk_idx[h_lo:h_hi], layout, block_size, h_lo, per_item,
+                                  _query_chunk(plan, G))
         part = torch.full((h_hi - h_lo, N, topk, G), -math.inf, dtype=torch.float32, device=q.device)
         kern["kv_fwd_stats"](q, k, index.items, index.ent_q, index.ent_k, part, h_lo, float(scale))
         lse_c = torch.logsumexp(part, dim=2)  # [hc, N, G], natural log
@@ -93,7 +101,8 @@ def slc_backward(do, q, k, v, o, lse, topk_idx, cu_seqlens, block_size, scale, l
                                 dk_acc, dv_acc, h_lo, float(scale))
     else:
         for h_lo, h_hi in _head_chunks(N, Hkv, topk, G * D):  # dq_acc
-            index = build_block_index(topk_idx[h_lo:h_hi], layout, block_size, h_lo, per_item)
+            index = build_block_index(topk_idx[h_lo:h_hi], layout, block_size, h_lo, per_item,
+                                      _query_chunk(plan, G))
             dq_acc = torch.zeros((N, (h_hi - h_lo) * G, D), dtype=torch.float32, device=q.device)
             kern["kv_bwd"](q, k, v, do, index.items, index.ent_q, lse2, delta, dq_acc,
                            dk_acc, dv_acc, h_lo, float(scale))

@@ -9,10 +9,16 @@ items (``begin == end``) that the kernels skip.
 Layout of the index for kv heads ``[h_lo, h_hi)``:
 
 * entries: every valid (kv head, query token, slot) triple of ``topk_idx``, sorted by
-  (kv head, global block) with queries ascending inside a block (stable sort). ``ent_q`` holds the
-  query token, ``ent_k`` the slot (position in the query's top-k row).
+  (kv head, query chunk, global block) with queries ascending inside a block (stable sort).
+  ``ent_q`` holds the query token, ``ent_k`` the slot (position in the query's top-k row).
 * items ``[NI, 4]`` int32: (kv head, first token of the KV block, entry begin, entry end). Each
-  item covers at most ``entries_per_item`` entries of one (kv head, block).
+  item covers at most ``entries_per_item`` entries of one (kv head, query chunk, block).
+
+Query chunks (``query_chunk`` tokens, 0 = one chunk): CTAs run roughly in item order, so with one
+chunk the CTAs in flight serve a run of blocks whose queries span the whole sequence, and the
+float32 adds into o (or dq) land all over an accumulator far larger than L2 (512 MiB per kv head
+at N = 65536, G = 16). Cutting the queries into chunks whose accumulator rows fit L2 keeps those
+adds in L2, at the cost of loading each KV block once per chunk instead of once.
 """
 from dataclasses import dataclass
 
@@ -85,17 +91,25 @@ def valid_selection(topk_idx: torch.Tensor, layout: TokenLayout, block_size: int
 
 
 def build_block_index(topk_idx: torch.Tensor, layout: TokenLayout, block_size: int, h_lo: int,
-                      entries_per_item: int) -> BlockIndex:
-    """Index of kv heads ``[h_lo, h_lo + topk_idx.shape[0])``; ``topk_idx`` is that slice."""
+                      entries_per_item: int, query_chunk: int = 0) -> BlockIndex:
+    """Index of kv heads ``[h_lo, h_lo + topk_idx.shape[0])``; ``topk_idx`` is that slice.
+
+    ``query_chunk`` > 0 groups the entries by chunks of that many query tokens first (module doc)."""
     hc, n, topk = topk_idx.shape
     dev = topk_idx.device
     nb = layout.num_blocks_bound
-    n_keys = hc * nb
+    chunk = query_chunk if 0 < query_chunk < n else max(n, 1)
+    n_chunks = -(-n // chunk) if n else 1
+    n_keys = hc * n_chunks * nb
+    if n_keys >= 2**31 - 1:
+        raise ValueError(f"slc block index: {hc} kv heads x {n_chunks} query chunks x {nb} blocks "
+                         f"overflow int32 sort keys; raise the chunk size (query_chunk={query_chunk})")
     valid = valid_selection(topk_idx, layout, block_size)
     head = torch.arange(hc, device=dev, dtype=torch.int64)[:, None, None]
+    tok_chunk = (torch.arange(n, device=dev, dtype=torch.int64) // chunk)[None, :, None]
     gblk = layout.tok_block_base[None, :, None] + topk_idx.to(torch.int64)
-    # int32 keys: the radix sort does half the passes of int64 (hc * nb + 1 < 2**31 always here)
-    key = torch.where(valid, head * nb + gblk, n_keys).flatten().to(torch.int32)
+    # int32 keys: the radix sort does half the passes of int64
+    key = torch.where(valid, (head * n_chunks + tok_chunk) * nb + gblk, n_keys).flatten().to(torch.int32)
     sorted_key, perm = torch.sort(key, stable=True)
     ent_q = ((perm // topk) % n).to(torch.int32)
     ent_k = (perm % topk).to(torch.int32)
@@ -115,6 +129,6 @@ def build_block_index(topk_idx: torch.Tensor, layout: TokenLayout, block_size: i
     begin = torch.where(live, begin, 0)
     end = torch.where(live, end, 0)
     items = torch.stack(
-        [h_lo + owner // nb, layout.block_first_tok[owner % nb], begin, end], dim=1
+        [h_lo + owner // (n_chunks * nb), layout.block_first_tok[owner % nb], begin, end], dim=1
     ).to(torch.int32)
     return BlockIndex(items=items.contiguous(), ent_q=ent_q, ent_k=ent_k)

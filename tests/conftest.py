@@ -25,3 +25,24 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
     for item in gpu_items:
         item.add_marker(skip)
+
+
+@pytest.fixture
+def edited_schedule(tmp_path, monkeypatch):
+    """``edit(arch, old, new)``: make the shipped schedule of ``arch``, with its first ``old``
+    replaced by ``new``, this test's schedule (``$FSAGEN_SCHEDULES_DIR``); undone after the test."""
+    from fsagen import schedule
+    from fsagen.paths import schedules_dir
+
+    shipped = schedules_dir()
+
+    def edit(arch: str, old: str, new: str) -> None:
+        text = (shipped / f"{arch}.toml").read_text()
+        assert old in text, f"{arch}.toml has no {old!r}"
+        (tmp_path / f"{arch}.toml").write_text(text.replace(old, new, 1))
+        monkeypatch.setenv("FSAGEN_SCHEDULES_DIR", str(tmp_path))
+        schedule.load_schedule.cache_clear()
+
+    yield edit
+    monkeypatch.delenv("FSAGEN_SCHEDULES_DIR", raising=False)
+    schedule.load_schedule.cache_clear()

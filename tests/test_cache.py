@@ -103,6 +103,19 @@ def test_key_covers_spec_plan_arch_versions_and_kernel_sources(monkeypatch):
     assert cache.artifact_ref(SPEC, kv, "sm90")[1]["tilelang"] == "9.9.9"
 
 
+def test_glue_only_knobs_do_not_rename_artifacts():
+    """chunk_rows changes the host glue's block index, not a program: same artifact."""
+    from fsagen.schedule import GLUE_KNOBS, Plan
+
+    kv = load_schedule("sm90").plan(SPEC, "kv_outer")
+    assert kv.knob("chunk_rows") is not None and "chunk_rows" in GLUE_KNOBS
+    other = Plan(kv.loop_order, tuple((k, 12345 if k == "chunk_rows" else v) for k, v in kv.knobs))
+    assert cache.artifact_ref(SPEC, other, "sm90") == cache.artifact_ref(SPEC, kv, "sm90")
+    assert "chunk_rows" not in dict(kv.program_plan().knobs)
+    tiles = Plan(kv.loop_order, tuple((k, 4 if k == "tiles_per_item" else v) for k, v in kv.knobs))
+    assert cache.artifact_ref(SPEC, tiles, "sm90") != cache.artifact_ref(SPEC, kv, "sm90")
+
+
 def test_compiled_kernel_rejects_incomplete(tmp_path):
     with pytest.raises(ArtifactError, match="no meta.json"):
         cache.CompiledKernel(tmp_path)
@@ -133,7 +146,7 @@ def test_jit_compile_then_reload_without_recompiling(fixture_env, monkeypatch):
     usage = lower.resource_usage(kernel.source("main"), kernel.meta["target"])
     (device_kernel,) = usage.values()  # one __global__ function (named after the PrimFunc)
     assert device_kernel["registers"] > 0 and device_kernel["bytes spill stores"] == 0
-    assert kernel.spec == SPEC and kernel.plan == load_schedule("sm90").plan(SPEC)
+    assert kernel.spec == SPEC and kernel.plan == load_schedule("sm90").plan(SPEC).program_plan()
     assert cache.get_kernel(SPEC, arch="sm90") is kernel  # memoised
 
     def no_compile(*args, **kwargs):

@@ -142,6 +142,16 @@ def test_selected_attention_on_cpu(loop_order):
     _compare(o.detach(), lse, grads, ro, rl, rgrads, BF16, f"{loop_order} N={n}", "slc-cpu")
 
 
+@pytest.mark.parametrize("chunk_rows", [2, 26])
+def test_kv_outer_query_chunks_on_cpu(chunk_rows, edited_schedule):
+    """kv_outer with its block index cut into query chunks of 1 and 13 tokens (``chunk_rows`` //
+    G): same kernels (a glue-only knob), results still equal the float64 reference."""
+    edited_schedule("cpu", "chunk_rows = 0", f"chunk_rows = {chunk_rows}")
+    spec = _spec("slc", "fwd", BF16, block_size=SLC_BS, topk=SLC_TOPK)
+    assert load_schedule("cpu").plan(spec, loop_order="kv_outer").knob("chunk_rows") == chunk_rows
+    test_selected_attention_on_cpu("kv_outer")
+
+
 @pytest.mark.parametrize("kind", ["mean", "weighted"])
 @pytest.mark.parametrize("dtype", [BF16, FP16], ids=["bf16", "fp16"])
 def test_compress_on_cpu(dtype, kind, monkeypatch):

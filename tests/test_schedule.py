@@ -157,7 +157,8 @@ def _schedule(tmp_path, text) -> Path:
 @pytest.mark.parametrize("edit,pattern", [
     (("rows = 64", "rows = 64\nwarps = 4"), r"unknown knob 'warps'"),
     (("tiles_per_item = 8\nthreads", "tiles_per_item = '8'\nthreads"), r"knob 'tiles_per_item' must be int"),
-    (("num_stages = 2\n\n[knobs.q_outer]", "num_stages = true\n\n[knobs.q_outer]"), r"knob 'num_stages' must be int"),
+    (("num_stages = 2\nchunk_rows", "num_stages = true\nchunk_rows"), r"knob 'num_stages' must be int"),
+    (("chunk_rows = 0", "chunk_rows = -1"), r"knob 'chunk_rows'=-1 must be >= 0"),
     (("rows = 64", "rows = 60"), r"knob 'rows'=60 must be a positive multiple of 16"),
     (("[knobs.q_outer]", "[knobs.diag]\nthreads = 1\n[knobs.q_outer]"), r"\[knobs.diag\]: unknown loop order"),
     (('loop_order = "q_outer"', 'loop_order = "diag"'), r"\[\[rules\]\] #6: loop_order='diag'"),

@@ -37,13 +37,14 @@ def _entries(index, topk_idx):
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("per_item", [1, 3, 16])
 @pytest.mark.parametrize("h_lo", [0, 1])
-def test_items_cover_valid_entries_once(seed, per_item, h_lo):
+@pytest.mark.parametrize("query_chunk", [0, 1, 100, 4096])
+def test_items_cover_valid_entries_once(seed, per_item, h_lo, query_chunk):
     bs = 32
     cu, idx = _case(seed, bs=bs)
     n = int(cu[-1])
     layout = token_layout(cu, n, bs)
     sub = idx[h_lo:]
-    index = build_block_index(sub, layout, bs, h_lo, per_item)
+    index = build_block_index(sub, layout, bs, h_lo, per_item, query_chunk)
     got = _entries(index, sub)
     valid = valid_selection(sub, layout, bs)
     want = {(h_lo + h, t, s) for h, t, s in valid.nonzero().tolist()}
@@ -54,6 +55,20 @@ def test_items_cover_valid_entries_once(seed, per_item, h_lo):
         assert first_tok == cu_l[seq] + int(idx[h, t, s]) * bs
     for h, first_tok, begin, end in index.items.tolist():
         assert end - begin <= per_item
+        if query_chunk and end > begin:  # an item's queries lie in one chunk, ascending
+            toks = index.ent_q[begin:end].tolist()
+            assert toks == sorted(toks)
+            assert toks[0] // query_chunk == toks[-1] // query_chunk
+
+
+def test_query_chunks_order_items_by_chunk_first():
+    """Items run chunk after chunk (the point of chunking: the adds in flight stay within one chunk)."""
+    bs, chunk = 32, 100
+    cu, idx = _case(3, bs=bs, hkv=1)
+    n = int(cu[-1])
+    index = build_block_index(idx, token_layout(cu, n, bs), bs, 0, 4, chunk)
+    firsts = [int(index.ent_q[b]) // chunk for _, _, b, e in index.items.tolist() if e > b]
+    assert firsts == sorted(firsts) and len(set(firsts)) == -(-n // chunk)
 
 
 def test_two_pass_emulation_matches_reference():

@@ -1,5 +1,6 @@
 """bench/sweep_slc.py without a GPU: variant files and the schedule each variant becomes."""
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -52,6 +53,6 @@ def test_variant_becomes_the_schedule(sweep, tmp_path, monkeypatch, G):
         assert plan.loop_order == "q_outer" and plan.knob("num_stages") == 3
         bwd = KernelSpec("slc", "bwd", G, 128, 64, 16, "bfloat16")
         assert schedule.load_schedule("sm90").plan(bwd) == shipped.plan(bwd)
-    finally:
-        monkeypatch.delenv("FSAGEN_SCHEDULES_DIR", raising=False)
+    finally:  # use_variant set it with os.environ: monkeypatch.delenv would restore it at teardown
+        os.environ.pop("FSAGEN_SCHEDULES_DIR", None)
         schedule.load_schedule.cache_clear()

@@ -21,8 +21,9 @@ Program families ("loop orders" in a schedule):
 # Knobs each (loop order, phase) reads from its plan. The schedule layer validates plans against
 # this table, so a schedule file with a missing knob fails with the knob's name, not deep in here.
 REQUIRED_KNOBS = {
-    ("kv_outer", "fwd"): ("rows", "tiles_per_item", "threads", "scatter"),
-    ("kv_outer", "bwd"): ("rows", "tiles_per_item", "bwd_threads", "scatter"),
+    # chunk_rows: read by the glue's block index only (fsagen/slc_index.py query chunks)
+    ("kv_outer", "fwd"): ("rows", "tiles_per_item", "threads", "scatter", "chunk_rows"),
+    ("kv_outer", "bwd"): ("rows", "tiles_per_item", "bwd_threads", "scatter", "chunk_rows"),
     ("q_outer", "fwd"): ("q_threads", "num_stages", "bulk_copy"),
     ("q_outer", "bwd"): ("q_threads", "num_stages", "bulk_copy", "rows", "tiles_per_item", "bwd_threads"),
     ("dense", "fwd"): ("rows", "keys", "threads", "num_stages"),

@@ -98,6 +98,19 @@ def test_grid(G, D, bs, topk, dtype, loop_order):
                     loop_order, gen)
 
 
+@pytest.mark.parametrize("G", [1, 4, 16])
+def test_kv_outer_query_chunks(G, edited_schedule):
+    """kv_outer with the block index cut into query chunks (knob chunk_rows; 64 tokens a chunk
+    here, so a 2048-token varlen batch has 32): forward and backward still equal the reference."""
+    edited_schedule("sm90", "chunk_rows = 0", f"chunk_rows = {64 * G}")
+    gen = _gen()
+    hkv, bs, topk, n = 2, 64, 16, 2048
+    cu = random_cu_seqlens(n, 3, block_size=bs, generator=gen, device="cuda")
+    idx = random_topk_idx(cu, hkv, topk, bs, generator=gen)
+    q, k, v = _qkv(n, G * hkv, hkv, 128, torch.bfloat16, gen)
+    run_and_compare(f"kv_outer query chunks of 64 tokens G={G}", q, k, v, idx, cu, bs, "kv_outer", gen)
+
+
 def _holes(idx, gen):
     """-1 at random places inside rows (not only trailing padding); remaining entries stay valid."""
     drop = torch.rand(idx.shape, device=idx.device, generator=gen) < 0.3
