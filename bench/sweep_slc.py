@@ -75,7 +75,12 @@ def use_variant(variant: dict, arch: str, workdir: Path, base_dir: Path) -> None
     base = (Path(base_dir) / f"{name}.toml").read_text()
     folder = workdir / variant["name"]
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}.toml").write_text(variant_schedule_text(base, variant))
+    # atomic: the build's worker processes all (re)write the files of the variants they compile
+    path, text = folder / f"{name}.toml", variant_schedule_text(base, variant)
+    if not path.exists() or path.read_text() != text:
+        tmp = folder / f".{name}.{os.getpid()}.toml"
+        tmp.write_text(text)
+        os.replace(tmp, path)
     os.environ["FSAGEN_SCHEDULES_DIR"] = str(folder)
     schedule.load_schedule.cache_clear()
     cache._loaded.clear()

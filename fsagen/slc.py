@@ -5,10 +5,13 @@ tensor's values on the host, so the sequence of launches is capturable in a CUDA
 
 Memory: the KV-outer stages accumulate into float32 buffers of ``N * heads * D``; kv heads are
 processed in chunks so that those buffers and the block index stay under ``FSAGEN_CHUNK_BYTES``
-(default 512 MiB), down to one kv head a chunk: one head's buffer is N * G * D * 4 bytes, which the
-budget does not bound (512 MiB at N = 65536, G = 16, D = 128).
+(default 512 MiB), down to one kv head a chunk. When the plan cuts the index into query chunks
+(knob ``chunk_rows``), the o / dq accumulator is further cut into windows of whole query chunks of at
+most ``FSAGEN_ACC_BYTES`` (default 256 MiB), one launch per window over the same index; without
+query chunks one head's buffer is N * G * D * 4 bytes (512 MiB at N = 65536, G = 16, D = 128).
 """
 import math
+import os
 
 import torch
 
@@ -39,6 +42,17 @@ def _query_chunk(plan, G):
     return max(rows // G, 1) if rows else 0
 
 
+def _acc_windows(num_tokens, query_chunk, row_bytes):
+    """Token windows ``[q_lo, q_hi)`` of the o / dq accumulator, each whole query chunks of the
+    index and at most ``FSAGEN_ACC_BYTES`` of ``row_bytes`` per token (at least one chunk); a single
+    window without query chunks (an item's queries may then span the sequence)."""
+    if not query_chunk or num_tokens <= query_chunk:
+        return [(0, num_tokens)]
+    budget = int(os.environ.get("FSAGEN_ACC_BYTES", 256 << 20))
+    width = max(1, budget // max(row_bytes * query_chunk, 1)) * query_chunk
+    return [(lo, min(num_tokens, lo + width)) for lo in range(0, num_tokens, width)]
+
+
 def _head_chunks(num_tokens, num_kv_heads, topk, acc_floats_per_head_token):
     """Kv-head ranges whose float32 buffers (``acc_floats_per_head_token`` per token and kv head)
     and block index (~32 bytes an entry) fit ``FSAGEN_CHUNK_BYTES`` (``glue.head_chunks``)."""
@@ -60,20 +74,21 @@ def slc_forward(q, k, v, topk_idx, cu_seqlens, block_size, scale, loop_order=Non
         return o, lse
 
     per_item = plan.knob("rows") // G * plan.knob("tiles_per_item")
+    chunk = _query_chunk(plan, G)
     lse2 = torch.empty((N, Hq), dtype=torch.float32, device=q.device)
     for h_lo, h_hi in _head_chunks(N, Hkv, topk, G * (Dv + topk)):  # o_acc + part
         heads = slice(h_lo * G, h_hi * G)
-        index = build_block_index(topk_idx[h_lo:h_hi], layout, block_size, h_lo, per_item,
-                                  _query_chunk(plan, G))
+        index = build_block_index(topk_idx[h_lo:h_hi], layout, block_size, h_lo, per_item, chunk)
         part = torch.full((h_hi - h_lo, N, topk, G), -math.inf, dtype=torch.float32, device=q.device)
         kern["kv_fwd_stats"](q, k, index.items, index.ent_q, index.ent_k, part, h_lo, float(scale))
         lse_c = torch.logsumexp(part, dim=2)  # [hc, N, G], natural log
         lse[:, heads] = lse_c.permute(1, 0, 2).reshape(N, -1)
         lse2[:, heads] = lse[:, heads] / LN2
         del part, lse_c
-        o_acc = torch.zeros((N, (h_hi - h_lo) * G, Dv), dtype=torch.float32, device=q.device)
-        kern["kv_fwd_accum"](q, k, v, index.items, index.ent_q, lse2, o_acc, h_lo, float(scale))
-        o[:, heads] = o_acc
+        for q_lo, q_hi in _acc_windows(N, chunk, (h_hi - h_lo) * G * Dv * 4):
+            o_acc = torch.zeros((q_hi - q_lo, (h_hi - h_lo) * G, Dv), dtype=torch.float32, device=q.device)
+            kern["kv_fwd_accum"](q, k, v, index.items, index.ent_q, lse2, o_acc, h_lo, q_lo, q_hi, float(scale))
+            o[q_lo:q_hi, heads] = o_acc
     return o, lse
 
 
@@ -98,13 +113,14 @@ def slc_backward(do, q, k, v, o, lse, topk_idx, cu_seqlens, block_size, scale, l
         for h_lo, h_hi in _head_chunks(N, Hkv, topk, 0):
             index = build_block_index(topk_idx[h_lo:h_hi], layout, block_size, h_lo, per_item)
             kern["kv_bwd_dkdv"](q, k, v, do, index.items, index.ent_q, lse2, delta, no_dq,
-                                dk_acc, dv_acc, h_lo, float(scale))
+                                dk_acc, dv_acc, h_lo, 0, N, float(scale))
     else:
+        chunk = _query_chunk(plan, G)
         for h_lo, h_hi in _head_chunks(N, Hkv, topk, G * D):  # dq_acc
-            index = build_block_index(topk_idx[h_lo:h_hi], layout, block_size, h_lo, per_item,
-                                      _query_chunk(plan, G))
-            dq_acc = torch.zeros((N, (h_hi - h_lo) * G, D), dtype=torch.float32, device=q.device)
-            kern["kv_bwd"](q, k, v, do, index.items, index.ent_q, lse2, delta, dq_acc,
-                           dk_acc, dv_acc, h_lo, float(scale))
-            dq[:, h_lo * G:h_hi * G] = dq_acc
+            index = build_block_index(topk_idx[h_lo:h_hi], layout, block_size, h_lo, per_item, chunk)
+            for q_lo, q_hi in _acc_windows(N, chunk, (h_hi - h_lo) * G * D * 4):
+                dq_acc = torch.zeros((q_hi - q_lo, (h_hi - h_lo) * G, D), dtype=torch.float32, device=q.device)
+                kern["kv_bwd"](q, k, v, do, index.items, index.ent_q, lse2, delta, dq_acc,
+                               dk_acc, dv_acc, h_lo, q_lo, q_hi, float(scale))
+                dq[q_lo:q_hi, h_lo * G:h_hi * G] = dq_acc
     return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)

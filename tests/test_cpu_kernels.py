@@ -142,10 +142,14 @@ def test_selected_attention_on_cpu(loop_order):
     _compare(o.detach(), lse, grads, ro, rl, rgrads, BF16, f"{loop_order} N={n}", "slc-cpu")
 
 
-@pytest.mark.parametrize("chunk_rows", [2, 26])
-def test_kv_outer_query_chunks_on_cpu(chunk_rows, edited_schedule):
+@pytest.mark.parametrize("chunk_rows,acc_bytes", [(2, None), (26, None), (26, 13 * 512 * 3)])
+def test_kv_outer_query_chunks_on_cpu(chunk_rows, acc_bytes, edited_schedule, monkeypatch):
     """kv_outer with its block index cut into query chunks of 1 and 13 tokens (``chunk_rows`` //
-    G): same kernels (a glue-only knob), results still equal the float64 reference."""
+    G): same kernels (a glue-only knob), results still equal the float64 reference. With
+    ``acc_bytes`` the o / dq accumulator is cut into windows of 3 chunks (512 bytes a token here):
+    one launch per window over the same index."""
+    if acc_bytes:
+        monkeypatch.setenv("FSAGEN_ACC_BYTES", str(acc_bytes))
     edited_schedule("cpu", "chunk_rows = 0", f"chunk_rows = {chunk_rows}")
     spec = _spec("slc", "fwd", BF16, block_size=SLC_BS, topk=SLC_TOPK)
     assert load_schedule("cpu").plan(spec, loop_order="kv_outer").knob("chunk_rows") == chunk_rows

@@ -101,3 +101,17 @@ def test_two_pass_emulation_matches_reference():
     o_ref, lse_ref = slc_reference(q, k, v, idx, cu, bs, scale)
     torch.testing.assert_close(o, o_ref.to(o.dtype), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(lse.permute(1, 0, 2).reshape(n, -1), lse_ref.to(o.dtype))
+
+
+@pytest.mark.parametrize("n,chunk,row_bytes,budget,want", [
+    (1000, 0, 64, 1, [(0, 1000)]),                       # no query chunks: one window
+    (1000, 100, 64, 64 * 250, [(0, 200), (200, 400), (400, 600), (600, 800), (800, 1000)]),
+    (1000, 100, 64, 1, [(i, i + 100) for i in range(0, 1000, 100)]),  # at least one chunk
+    (950, 100, 64, 64 * 1000, [(0, 950)]),
+    (80, 100, 64, 1, [(0, 80)]),
+])
+def test_accumulator_windows_are_whole_chunks(n, chunk, row_bytes, budget, want, monkeypatch):
+    from fsagen.slc import _acc_windows
+
+    monkeypatch.setenv("FSAGEN_ACC_BYTES", str(budget))
+    assert _acc_windows(n, chunk, row_bytes) == want

@@ -17,6 +17,11 @@ item and the selecting queries are gathered, all G heads of the group together, 
 * ``kv_bwd``: per item, dK and dV accumulate in registers across the item's tiles and are added
   once to float32 buffers; dQ is either atomically accumulated (``with_dq``) or left to ``q_bwd_dq``.
 
+``kv_fwd_accum`` and ``kv_bwd`` take an accumulator *window* ``[q_lo, q_hi)`` of query tokens: they
+run only the items whose queries lie in it (an item's queries lie in one query chunk of the index,
+and windows are whole chunks) and add into ``o_acc`` / ``dq_acc`` rows ``token - q_lo``, so the
+float32 accumulator is the window's, not the sequence's.
+
 Query outer (NSA order), one CTA per (token, kv head), the G heads of the group padded to 16 rows:
 
 * ``q_fwd``: online softmax over the token's selected blocks; writes o and lse (natural log).
@@ -104,7 +109,7 @@ def kv_fwd_stats(G: int, D: int, BS: int, dtype: str, rows: int, threads: int, d
 def kv_fwd_accum(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, threads: int,
                  scatter: str, dl: Dialect = SIMT):
     R, Q_PER_TILE = rows, rows // G
-    N, HQ, HKV, NE, NI, HCG = T.dynamic("N, HQ, HKV, NE, NI, HCG")
+    N, HQ, HKV, NE, NI, HCG, NW = T.dynamic("N, HQ, HKV, NE, NI, HCG, NW")
     io = dl.io(dtype)
     load_k = make_load_kv_rows(BS, D, dl, io)
     load_v = make_load_kv_rows(BS, DV, dl, io)
@@ -123,8 +128,10 @@ def kv_fwd_accum(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, thread
         items: T.Tensor((NI, 4), INDEX),
         ent_q: T.Tensor((NE,), INDEX),
         lse2: T.Tensor((N, HQ), ACCUM),
-        o_acc: T.Tensor((N, HCG, DV), ACCUM),
+        o_acc: T.Tensor((NW, HCG, DV), ACCUM),
         h_lo: T.int32,
+        q_lo: T.int32,
+        q_hi: T.int32,
         sm_scale: T.float32,
     ):
         with T.Kernel(NI, threads=threads) as bx:
@@ -142,7 +149,7 @@ def kv_fwd_accum(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, thread
             kb = items[bx, 1]
             e0 = items[bx, 2]
             e1 = items[bx, 3]
-            if e1 > e0:
+            if e1 > e0 and ent_q[e0] >= q_lo and ent_q[e0] < q_hi:
                 load_k(K, h, kb, N, K_s)
                 load_v(V, h, kb, N, V_s)
                 for tile in T.serial(T.ceildiv(e1 - e0, Q_PER_TILE)):
@@ -155,7 +162,7 @@ def kv_fwd_accum(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, thread
                     T.copy(acc_s, p_cast)
                     T.clear(acc_o)
                     T.gemm(p_cast, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
-                    scatter_o(acc_o, o_acc, (h - h_lo) * G, row_tok, o_stage)
+                    scatter_o(acc_o, o_acc, (h - h_lo) * G, row_tok, q_lo, o_stage)
 
     return main
 
@@ -189,6 +196,8 @@ def kv_bwd(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, threads: int
         dk_acc: T.Tensor((N, HKV, D), ACCUM),
         dv_acc: T.Tensor((N, HKV, DV), ACCUM),
         h_lo: T.int32,
+        q_lo: T.int32,
+        q_hi: T.int32,
         sm_scale: T.float32,
     ):
         with T.Kernel(NI, threads=threads) as bx:
@@ -212,7 +221,7 @@ def kv_bwd(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, threads: int
             kb = items[bx, 1]
             e0 = items[bx, 2]
             e1 = items[bx, 3]
-            if e1 > e0:
+            if e1 > e0 and ent_q[e0] >= q_lo and ent_q[e0] < q_hi:
                 load_k(K, h, kb, N, K_s)
                 load_v(V, h, kb, N, V_s)
                 T.clear(acc_dk)
@@ -237,7 +246,7 @@ def kv_bwd(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, threads: int
                     if with_dq:
                         T.clear(acc_dq)
                         T.gemm(dS_s, K_s, acc_dq, policy=T.GemmWarpPolicy.FullRow)
-                        scatter_dq(acc_dq, dq_acc, (h - h_lo) * G, row_tok, dq_stage)
+                        scatter_dq(acc_dq, dq_acc, (h - h_lo) * G, row_tok, q_lo, dq_stage)
                 for i, d in dl.par(BS, D):
                     if kb + i < N:
                         T.atomic_add(dk_acc[kb + i, h, d], acc_dk[i, d])

@@ -132,7 +132,8 @@ SCATTER_MODES = ("x2", "x4", "tma")
 
 
 def make_scatter_add_rows(rows: int, dim: int, group: int, mode: str, dl: Dialect):
-    """Add a float32 (query, head) row tile into ``dst[row_tok[r], head0 + r % group, :]``.
+    """Add a float32 (query, head) row tile into ``dst[row_tok[r] - row0, head0 + r % group, :]``
+    (``row0``: the first token of the accumulator window ``dst`` holds).
 
     Returns ``(macro, staging_shape)``; the caller allocates a float32 shared buffer of
     ``staging_shape`` (None: no staging) and passes it as ``stage``. Modes:
@@ -146,31 +147,31 @@ def make_scatter_add_rows(rows: int, dim: int, group: int, mode: str, dl: Dialec
     if mode == "x2":
 
         @T.macro
-        def scatter_add(acc, dst, head0, row_tok, stage):
+        def scatter_add(acc, dst, head0, row_tok, row0, stage):
             for r, d in dl.par(rows, dim):
                 if row_tok[r] >= 0:
-                    T.atomic_add(dst[row_tok[r], head0 + r % group, d], acc[r, d])
+                    T.atomic_add(dst[row_tok[r] - row0, head0 + r % group, d], acc[r, d])
 
         return scatter_add, None
     if mode == "x4":
 
         @T.macro
-        def scatter_add(acc, dst, head0, row_tok, stage):
+        def scatter_add(acc, dst, head0, row_tok, row0, stage):
             T.copy(acc, stage)
             for r, d in dl.par(rows, dim):
                 if row_tok[r] >= 0:
-                    T.atomic_add(dst[row_tok[r], head0 + r % group, d], stage[r, d])
+                    T.atomic_add(dst[row_tok[r] - row0, head0 + r % group, d], stage[r, d])
 
         return scatter_add, (rows, dim)
     if mode == "tma":
 
         @T.macro
-        def scatter_add(acc, dst, head0, row_tok, stage):
+        def scatter_add(acc, dst, head0, row_tok, row0, stage):
             for r, d in dl.par(rows, dim):
                 stage[r // group, r % group, d] = acc[r, d]
             for qi in T.serial(per_tile):
                 if row_tok[qi * group] >= 0:
-                    T.atomic_add(dst[row_tok[qi * group], head0:head0 + group, :], stage[qi, :, :],
+                    T.atomic_add(dst[row_tok[qi * group] - row0, head0:head0 + group, :], stage[qi, :, :],
                                  annotations={"use_tma": 1})
 
         return scatter_add, (per_tile, group, dim)

@@ -102,7 +102,7 @@ def test_grid(G, D, bs, topk, dtype, loop_order):
 def test_kv_outer_query_chunks(G, edited_schedule):
     """kv_outer with the block index cut into query chunks (knob chunk_rows; 64 tokens a chunk
     here, so a 2048-token varlen batch has 32): forward and backward still equal the reference."""
-    edited_schedule("sm90", "chunk_rows = 0", f"chunk_rows = {64 * G}")
+    edited_schedule("sm90", "chunk_rows = 16384", f"chunk_rows = {64 * G}")
     gen = _gen()
     hkv, bs, topk, n = 2, 64, 16, 2048
     cu = random_cu_seqlens(n, 3, block_size=bs, generator=gen, device="cuda")
