@@ -42,6 +42,8 @@ KNOBS: dict[str, tuple[type, object, str]] = {
     "scatter": (str, lambda v: v in ("x2", "x4", "tma"), 'one of "x2", "x4", "tma"'),
     "q_split": (int, lambda v: v >= 0, ">= 0"),
     "chunk_rows": (int, lambda v: v >= 0, ">= 0"),
+    "q_keys": (int, lambda v: v >= 0 and v % 16 == 0, "0 or a positive multiple of 16"),
+    "q_ctas_per_sm": (int, lambda v: v >= 0, ">= 0"),
 }
 
 # Knobs read by the host glue only, never by a program: they are left out of the plan an artifact

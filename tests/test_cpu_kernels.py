@@ -156,6 +156,15 @@ def test_kv_outer_query_chunks_on_cpu(chunk_rows, acc_bytes, edited_schedule, mo
     test_selected_attention_on_cpu("kv_outer")
 
 
+def test_q_outer_forward_in_key_steps_on_cpu(edited_schedule):
+    """q_outer's forward stepping through each selected block in 16-key halves (knob q_keys)
+    still equals the float64 reference (block 32: two steps a block, the causal cut inside)."""
+    edited_schedule("cpu", "q_keys = 0", "q_keys = 16")
+    spec = _spec("slc", "fwd", BF16, block_size=SLC_BS, topk=SLC_TOPK)
+    assert load_schedule("cpu").plan(spec, loop_order="q_outer").knob("q_keys") == 16
+    test_selected_attention_on_cpu("q_outer")
+
+
 @pytest.mark.parametrize("kind", ["mean", "weighted"])
 @pytest.mark.parametrize("dtype", [BF16, FP16], ids=["bf16", "fp16"])
 def test_compress_on_cpu(dtype, kind, monkeypatch):

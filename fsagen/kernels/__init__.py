@@ -24,7 +24,7 @@ REQUIRED_KNOBS = {
     # chunk_rows: read by the glue's block index only (fsagen/slc_index.py query chunks)
     ("kv_outer", "fwd"): ("rows", "tiles_per_item", "threads", "scatter", "chunk_rows"),
     ("kv_outer", "bwd"): ("rows", "tiles_per_item", "bwd_threads", "scatter", "chunk_rows"),
-    ("q_outer", "fwd"): ("q_threads", "num_stages", "bulk_copy"),
+    ("q_outer", "fwd"): ("q_threads", "num_stages", "bulk_copy", "q_keys", "q_ctas_per_sm"),
     ("q_outer", "bwd"): ("q_threads", "num_stages", "bulk_copy", "rows", "tiles_per_item", "bwd_threads"),
     ("dense", "fwd"): ("rows", "keys", "threads", "num_stages"),
     ("dense", "bwd"): ("rows", "keys", "bwd_threads", "num_stages", "q_split"),
@@ -85,7 +85,8 @@ def _slc_builders(spec, plan, dtype, dl):
                                           False, "x2", dl=dl),
         "row_dot": lambda: slc.row_dot(DV, dtype, 128, dl),
         "q_fwd": lambda: slc.q_fwd(G, D, DV, BS, dtype, knob("q_threads"), knob("num_stages"),
-                                   knob("bulk_copy"), dl=dl),
+                                   knob("bulk_copy"), knob("q_keys"),
+                                   knob("q_ctas_per_sm"), dl=dl),
         "q_bwd_dq": lambda: slc.q_bwd_dq(G, D, DV, BS, dtype, knob("q_threads"), knob("num_stages"),
                                          knob("bulk_copy"), dl=dl),
     }

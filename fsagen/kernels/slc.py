@@ -258,15 +258,24 @@ def kv_bwd(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, threads: int
 
 
 def q_fwd(G: int, D: int, DV: int, BS: int, dtype: str, threads: int, num_stages: int,
-          bulk_copy: bool, dl: Dialect = SIMT):
+          bulk_copy: bool, keys: int = 0, ctas_per_sm: int = 0, dl: Dialect = SIMT):
+    """``keys``: key rows per pipelined step (a divisor of ``BS``; 0 = ``BS``). Smaller steps
+    shrink each pipeline stage's K/V buffers, so more CTAs (and more bytes) are in flight per SM.
+    ``ctas_per_sm`` > 0 asks the compiler for registers that let that many CTAs reside on an SM
+    (``__launch_bounds__``' second argument); the warp-specialised CTA's 256 threads at ~88
+    registers otherwise fit only 2."""
     R = _round_up(G, 16)
+    KS = keys or BS
+    if BS % KS:
+        raise ValueError(f"q_fwd: keys={keys} must divide block_size={BS}")
+    SPLIT = BS // KS
     N, HQ, HKV, TOPK = T.dynamic("N, HQ, HKV, TOPK")
     io = dl.io(dtype)
-    load_k = make_load_kv_rows(BS, D, dl, io, bulk_copy)
-    load_v = make_load_kv_rows(BS, DV, dl, io, bulk_copy)
-    mask = make_mask_scores(R, BS, dl)
+    load_k = make_load_kv_rows(KS, D, dl, io, bulk_copy)
+    load_v = make_load_kv_rows(KS, DV, dl, io, bulk_copy)
+    mask = make_mask_scores(R, KS, dl)
     gather_q = make_gather_rows(R, D, G, dl, io)
-    online_softmax = make_online_softmax(R, BS, DV, dl)
+    online_softmax = make_online_softmax(R, KS, DV, dl)
 
     @T.prim_func
     def main(
@@ -280,12 +289,14 @@ def q_fwd(G: int, D: int, DV: int, BS: int, dtype: str, threads: int, num_stages
         sm_scale: T.float32,
     ):
         with T.Kernel(N, HKV, threads=threads) as (t, h):
+            if ctas_per_sm and dl.simt:
+                T.annotate_min_blocks_per_sm(ctas_per_sm)
             Q_s = dl.alloc_tile((R, D), io.tile)
-            K_s = dl.alloc_tile((BS, D), io.tile)
-            V_s = dl.alloc_tile((BS, DV), io.tile)
+            K_s = dl.alloc_tile((KS, D), io.tile)
+            V_s = dl.alloc_tile((KS, DV), io.tile)
             row_tok = dl.alloc_tile((R,), INDEX)
-            acc_s = dl.alloc_acc((R, BS), ACCUM)
-            P_s = dl.alloc_tile((R, BS), io.tile)
+            acc_s = dl.alloc_acc((R, KS), ACCUM)
+            P_s = dl.alloc_tile((R, KS), io.tile)
             acc_o = dl.alloc_acc((R, DV), ACCUM)
             m = dl.alloc_acc((R,), ACCUM)
             m_prev = dl.alloc_acc((R,), ACCUM)
@@ -300,9 +311,9 @@ def q_fwd(G: int, D: int, DV: int, BS: int, dtype: str, threads: int, num_stages
             T.clear(acc_o)
             T.clear(l)
             T.fill(m, -T.infinity(ACCUM))
-            for i in T.Pipelined(TOPK, num_stages=num_stages):
-                kb = start + topk_idx[h, t, i] * BS
-                if topk_idx[h, t, i] >= 0 and kb <= t:
+            for i in T.Pipelined(TOPK * SPLIT, num_stages=num_stages):
+                kb = start + topk_idx[h, t, i // SPLIT] * BS + (i % SPLIT) * KS
+                if topk_idx[h, t, i // SPLIT] >= 0 and kb <= t:
                     load_k(K, h, kb, N, K_s)
                     load_v(V, h, kb, N, V_s)
                     T.clear(acc_s)
