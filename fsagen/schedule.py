@@ -44,6 +44,7 @@ KNOBS: dict[str, tuple[type, object, str]] = {
     "chunk_rows": (int, lambda v: v >= 0, ">= 0"),
     "q_keys": (int, lambda v: v >= 0 and v % 16 == 0, "0 or a positive multiple of 16"),
     "q_ctas_per_sm": (int, lambda v: v >= 0, ">= 0"),
+    "ctas_per_sm": (int, lambda v: v >= 0, ">= 0"),
 }
 
 # Knobs read by the host glue only, never by a program: they are left out of the plan an artifact

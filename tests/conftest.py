@@ -30,16 +30,18 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def edited_schedule(tmp_path, monkeypatch):
     """``edit(arch, old, new)``: make the shipped schedule of ``arch``, with its first ``old``
-    replaced by ``new``, this test's schedule (``$FSAGEN_SCHEDULES_DIR``); undone after the test."""
+    replaced by ``new``, this test's schedule (``$FSAGEN_SCHEDULES_DIR``); undone after the test.
+    Several calls for one arch accumulate."""
     from fsagen import schedule
     from fsagen.paths import schedules_dir
 
     shipped = schedules_dir()
 
     def edit(arch: str, old: str, new: str) -> None:
-        text = (shipped / f"{arch}.toml").read_text()
+        edited = tmp_path / f"{arch}.toml"
+        text = (edited if edited.exists() else shipped / f"{arch}.toml").read_text()
         assert old in text, f"{arch}.toml has no {old!r}"
-        (tmp_path / f"{arch}.toml").write_text(text.replace(old, new, 1))
+        edited.write_text(text.replace(old, new, 1))
         monkeypatch.setenv("FSAGEN_SCHEDULES_DIR", str(tmp_path))
         schedule.load_schedule.cache_clear()
 

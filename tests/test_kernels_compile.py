@@ -81,3 +81,27 @@ def test_every_stage_compiles(built, arch, spec, order):
             assert "wgmma" not in source and "tma_load" not in source and "CUtensorMap" not in source, stage
             assert not tiled or "mma_sync" in source, f"{stage}: no mma.sync in the generated code"
             assert sorted(set(fatbin_entries(library))) == [("ptx", 80), ("sass", 80)], stage
+
+
+def test_occupancy_knobs_reach_the_compiler(edited_schedule, tmp_path):
+    """ctas_per_sm / q_ctas_per_sm become ``__launch_bounds__``' second argument, and the register
+    budget follows (65536 registers an SM / (CTAs x threads)); q_keys halves the K/V stage buffers."""
+    from fsagen.cache import ensure_artifact
+    from fsagen.lower import resource_usage
+    from fsagen.spec import KernelSpec
+
+    edited_schedule("sm90", "ctas_per_sm = 0", "ctas_per_sm = 3")
+    edited_schedule("sm90", "q_ctas_per_sm = 0", "q_ctas_per_sm = 3")
+    edited_schedule("sm90", "q_keys = 0", "q_keys = 32")
+    sched = load_schedule("sm90")
+    spec = KernelSpec("slc", "fwd", 16, 128, 64, 16, "bfloat16")
+    want = {"kv_fwd_stats": 128, "kv_fwd_accum": 128, "q_fwd": 256}  # threads (q_fwd: + TMA producers)
+    for order in ("kv_outer", "q_outer"):
+        path, _ = ensure_artifact(spec, sched.plan(spec, loop_order=order), "sm90", root=tmp_path)
+        meta = json.loads(open(os.path.join(path, "meta.json")).read())
+        for stage, info, _, source in _stages(meta, path):
+            assert f"__launch_bounds__({want[stage]}, 3)" in source, stage
+            (usage,) = resource_usage(source, sched.target).values()
+            assert usage["registers"] <= 65536 // (3 * want[stage]), (stage, usage)
+            if stage == "q_fwd":  # 2 stages of 32-row K and V tiles, not 64-row ones
+                assert max(info["shared_memory_bytes"].values()) < 48 * 1024, info["shared_memory_bytes"]

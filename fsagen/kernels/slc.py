@@ -27,6 +27,10 @@ Query outer (NSA order), one CTA per (token, kv head), the G heads of the group 
 * ``q_fwd``: online softmax over the token's selected blocks; writes o and lse (natural log).
 * ``q_bwd_dq``: dQ by recomputing P from lse.
 
+The kv-outer programs and ``q_fwd`` take ``ctas_per_sm``: when > 0, the compiler must leave
+registers for that many resident CTAs per SM (``__launch_bounds__``' second argument; the
+accumulate pass and the backward otherwise fit 2, at 188 and 238 registers).
+
 ``row_dot`` computes the backward's ``delta = rowsum(dO * O)`` in float32 without float32 copies
 of dO and O.
 
@@ -51,7 +55,8 @@ def _round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
 
-def kv_fwd_stats(G: int, D: int, BS: int, dtype: str, rows: int, threads: int, dl: Dialect = SIMT):
+def kv_fwd_stats(G: int, D: int, BS: int, dtype: str, rows: int, threads: int, ctas_per_sm: int = 0,
+                 dl: Dialect = SIMT):
     R, Q_PER_TILE = rows, rows // G
     N, HQ, HKV, NE, NI, HC, TOPK = T.dynamic("N, HQ, HKV, NE, NI, HC, TOPK")
     io = dl.io(dtype)
@@ -72,6 +77,8 @@ def kv_fwd_stats(G: int, D: int, BS: int, dtype: str, rows: int, threads: int, d
         sm_scale: T.float32,
     ):
         with T.Kernel(NI, threads=threads) as bx:
+            if ctas_per_sm and dl.simt:
+                T.annotate_min_blocks_per_sm(ctas_per_sm)
             K_s = dl.alloc_tile((BS, D), io.tile)
             Q_s = dl.alloc_tile((R, D), io.tile)
             row_tok = dl.alloc_tile((R,), INDEX)
@@ -107,7 +114,7 @@ def kv_fwd_stats(G: int, D: int, BS: int, dtype: str, rows: int, threads: int, d
 
 
 def kv_fwd_accum(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, threads: int,
-                 scatter: str, dl: Dialect = SIMT):
+                 scatter: str, ctas_per_sm: int = 0, dl: Dialect = SIMT):
     R, Q_PER_TILE = rows, rows // G
     N, HQ, HKV, NE, NI, HCG, NW = T.dynamic("N, HQ, HKV, NE, NI, HCG, NW")
     io = dl.io(dtype)
@@ -135,6 +142,8 @@ def kv_fwd_accum(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, thread
         sm_scale: T.float32,
     ):
         with T.Kernel(NI, threads=threads) as bx:
+            if ctas_per_sm and dl.simt:
+                T.annotate_min_blocks_per_sm(ctas_per_sm)
             K_s = dl.alloc_tile((BS, D), io.tile)
             V_s = dl.alloc_tile((BS, DV), io.tile)
             Q_s = dl.alloc_tile((R, D), io.tile)
@@ -168,7 +177,7 @@ def kv_fwd_accum(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, thread
 
 
 def kv_bwd(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, threads: int,
-           with_dq: bool, scatter: str, dl: Dialect = SIMT):
+           with_dq: bool, scatter: str, ctas_per_sm: int = 0, dl: Dialect = SIMT):
     R, Q_PER_TILE = rows, rows // G
     N, HQ, HKV, NE, NI, HCG, NDQ = T.dynamic("N, HQ, HKV, NE, NI, HCG, NDQ")
     io = dl.io(dtype)
@@ -201,6 +210,8 @@ def kv_bwd(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, threads: int
         sm_scale: T.float32,
     ):
         with T.Kernel(NI, threads=threads) as bx:
+            if ctas_per_sm and dl.simt:
+                T.annotate_min_blocks_per_sm(ctas_per_sm)
             K_s = dl.alloc_tile((BS, D), io.tile)
             V_s = dl.alloc_tile((BS, DV), io.tile)
             Q_s = dl.alloc_tile((R, D), io.tile)
