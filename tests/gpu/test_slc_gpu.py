@@ -98,17 +98,22 @@ def test_grid(G, D, bs, topk, dtype, loop_order):
                     loop_order, gen)
 
 
+@pytest.mark.parametrize("windows", [1, 4])
 @pytest.mark.parametrize("G", [1, 4, 16])
-def test_kv_outer_query_chunks(G, edited_schedule):
+def test_kv_outer_query_chunks(G, windows, edited_schedule, monkeypatch):
     """kv_outer with the block index cut into query chunks (knob chunk_rows; 64 tokens a chunk
-    here, so a 2048-token varlen batch has 32): forward and backward still equal the reference."""
+    here, so a 2048-token varlen batch has 32), and the o / dq accumulator in ``windows`` launches
+    (FSAGEN_ACC_BYTES): forward and backward still equal the reference."""
     edited_schedule("sm90", "chunk_rows = 16384", f"chunk_rows = {64 * G}")
     gen = _gen()
     hkv, bs, topk, n = 2, 64, 16, 2048
+    if windows > 1:  # the two kv heads share a head chunk: 2 * G * 128 float32 a token
+        monkeypatch.setenv("FSAGEN_ACC_BYTES", str(n // windows * 2 * G * 128 * 4))
     cu = random_cu_seqlens(n, 3, block_size=bs, generator=gen, device="cuda")
     idx = random_topk_idx(cu, hkv, topk, bs, generator=gen)
     q, k, v = _qkv(n, G * hkv, hkv, 128, torch.bfloat16, gen)
-    run_and_compare(f"kv_outer query chunks of 64 tokens G={G}", q, k, v, idx, cu, bs, "kv_outer", gen)
+    run_and_compare(f"kv_outer query chunks of 64 tokens, {windows} accumulator windows, G={G}", q, k, v, idx, cu,
+                    bs, "kv_outer", gen)
 
 
 def _holes(idx, gen):
