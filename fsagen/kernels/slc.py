@@ -77,8 +77,7 @@ def kv_fwd_stats(G: int, D: int, BS: int, dtype: str, rows: int, threads: int, c
         sm_scale: T.float32,
     ):
         with T.Kernel(NI, threads=threads) as bx:
-            if ctas_per_sm and dl.simt:
-                T.annotate_min_blocks_per_sm(ctas_per_sm)
+            dl.min_ctas_per_sm(ctas_per_sm)
             K_s = dl.alloc_tile((BS, D), io.tile)
             Q_s = dl.alloc_tile((R, D), io.tile)
             row_tok = dl.alloc_tile((R,), INDEX)
@@ -142,8 +141,7 @@ def kv_fwd_accum(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, thread
         sm_scale: T.float32,
     ):
         with T.Kernel(NI, threads=threads) as bx:
-            if ctas_per_sm and dl.simt:
-                T.annotate_min_blocks_per_sm(ctas_per_sm)
+            dl.min_ctas_per_sm(ctas_per_sm)
             K_s = dl.alloc_tile((BS, D), io.tile)
             V_s = dl.alloc_tile((BS, DV), io.tile)
             Q_s = dl.alloc_tile((R, D), io.tile)
@@ -210,8 +208,7 @@ def kv_bwd(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, threads: int
         sm_scale: T.float32,
     ):
         with T.Kernel(NI, threads=threads) as bx:
-            if ctas_per_sm and dl.simt:
-                T.annotate_min_blocks_per_sm(ctas_per_sm)
+            dl.min_ctas_per_sm(ctas_per_sm)
             K_s = dl.alloc_tile((BS, D), io.tile)
             V_s = dl.alloc_tile((BS, DV), io.tile)
             Q_s = dl.alloc_tile((R, D), io.tile)
@@ -300,8 +297,7 @@ def q_fwd(G: int, D: int, DV: int, BS: int, dtype: str, threads: int, num_stages
         sm_scale: T.float32,
     ):
         with T.Kernel(N, HKV, threads=threads) as (t, h):
-            if ctas_per_sm and dl.simt:
-                T.annotate_min_blocks_per_sm(ctas_per_sm)
+            dl.min_ctas_per_sm(ctas_per_sm)
             Q_s = dl.alloc_tile((R, D), io.tile)
             K_s = dl.alloc_tile((KS, D), io.tile)
             V_s = dl.alloc_tile((KS, DV), io.tile)

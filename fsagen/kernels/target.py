@@ -154,6 +154,13 @@ class Dialect:
     def set_bits(self):
         return SetBitsSIMT if self.simt else SetBitsSerial
 
+    # -- launch ----------------------------------------------------------------------------------
+    def min_ctas_per_sm(self, n: int):
+        """Inside a ``T.Kernel``: ask the compiler to leave registers for ``n`` resident CTAs per SM
+        (``__launch_bounds__``' second argument) when ``n`` > 0 on a GPU; nothing otherwise (the
+        CPU has no such bound). The annotation frame is returned for TVMScript to enter."""
+        return T.annotate_min_blocks_per_sm(n) if n and self.simt else None
+
     # -- data movement ---------------------------------------------------------------------------
     def make_copy_rows(self, rows: int, dim: int, io: IO, bulk: bool = True):
         """``copy_rows(src, head, first, n_tok, dst)``: ``dst[i, :] = src[first + i, head, :]``
