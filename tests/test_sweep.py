@@ -1,4 +1,4 @@
-"""bench/sweep_slc.py without a GPU: variant files and the schedule each variant becomes."""
+"""bench/sweep.py without a GPU: variant files and the schedule each variant becomes."""
 import importlib.util
 import os
 import sys
@@ -15,9 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def sweep():
-    spec = importlib.util.spec_from_file_location("sweep_slc", ROOT / "bench" / "sweep_slc.py")
+    spec = importlib.util.spec_from_file_location("sweep", ROOT / "bench" / "sweep.py")
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["sweep_slc"] = mod
+    sys.modules["sweep"] = mod
     spec.loader.exec_module(mod)
     return mod
 
@@ -56,3 +56,38 @@ def test_variant_becomes_the_schedule(sweep, tmp_path, monkeypatch, G):
     finally:  # use_variant set it with os.environ: monkeypatch.delenv would restore it at teardown
         os.environ.pop("FSAGEN_SCHEDULES_DIR", None)
         schedule.load_schedule.cache_clear()
+
+
+def test_dense_variant_becomes_the_schedule_of_its_branch_only(sweep, tmp_path):
+    """A swa variant's rule matches swa's backward only: cmp and slc keep the shipped plans."""
+    shipped = schedule.load_schedule("sm90")
+    variant = {"name": "swa_head", "branch": "swa", "phase": "bwd", "loop_order": "dense",
+               "knobs": {"dkdv_rows": "head", "rows": 128}}
+    base = schedules_dir()
+    try:
+        sweep.use_variant(variant, "sm90", tmp_path, base)
+        plan = schedule.load_schedule("sm90").plan(KernelSpec("swa", "bwd", 4, 128, 0, 0, "bfloat16"))
+        assert (plan.knob("dkdv_rows"), plan.knob("rows")) == ("head", 128)
+        for other in (KernelSpec("cmp", "bwd", 4, 128, 0, 0, "bfloat16"), KernelSpec("swa", "fwd", 4, 128, 0, 0, "bfloat16"),
+                      KernelSpec("slc", "bwd", 4, 128, 64, 16, "bfloat16")):
+            assert schedule.load_schedule("sm90").plan(other) == shipped.plan(other)
+    finally:
+        os.environ.pop("FSAGEN_SCHEDULES_DIR", None)
+        schedule.load_schedule.cache_clear()
+
+
+def test_dense_variants_build_one_spec_per_group(sweep, tmp_path):
+    path = tmp_path / "v.toml"
+    path.write_text('[[variant]]\nname = "a"\nbranch = "cmp"\nphase = "bwd"\nloop_order = "dense"\n'
+                    '[[variant]]\nname = "b"\nphase = "fwd"\nloop_order = "kv_outer"\n')
+    variants = sweep.read_variants(path)
+    specs = [(v["name"], s.branch, s.G, s.block_size) for v, s in sweep._specs([1, 4], [(64, 16), (128, 8)], variants)]
+    assert specs == [("a", "cmp", 1, 0), ("b", "slc", 1, 64), ("b", "slc", 1, 128),
+                     ("a", "cmp", 4, 0), ("b", "slc", 4, 64), ("b", "slc", 4, 128)]
+
+
+def test_bad_variant_branch(sweep, tmp_path):
+    path = tmp_path / "v.toml"
+    path.write_text('[[variant]]\nname = "a"\nbranch = "sel"\nphase = "fwd"\nloop_order = "sel"\n')
+    with pytest.raises(ValueError, match="branch='sel'"):
+        sweep.read_variants(path)

@@ -27,7 +27,7 @@ REQUIRED_KNOBS = {
     ("q_outer", "fwd"): ("q_threads", "num_stages", "bulk_copy", "q_keys", "q_ctas_per_sm"),
     ("q_outer", "bwd"): ("q_threads", "num_stages", "bulk_copy", "rows", "tiles_per_item", "bwd_threads"),
     ("dense", "fwd"): ("rows", "keys", "threads", "num_stages"),
-    ("dense", "bwd"): ("rows", "keys", "bwd_threads", "num_stages", "q_split"),
+    ("dense", "bwd"): ("rows", "keys", "bwd_threads", "num_stages", "q_split", "dkdv_rows"),
     ("sel", "fwd"): ("rows", "keys", "threads"),
     # comp: rows = raw rows per tile (a multiple of the stride)
     ("comp", "fwd"): ("rows", "threads"),
@@ -105,7 +105,8 @@ def _dense_builders(spec, plan, dtype, dl):
         "dense_bwd_dq": lambda: dense.dense_bwd_dq(spec.branch, G, D, DV, dtype, knob("rows"),
                                                    knob("keys"), knob("bwd_threads"), knob("num_stages"), dl),
         "dense_bwd_dkdv": lambda: dense.dense_bwd_dkdv(spec.branch, G, D, DV, dtype, knob("rows"),
-                                                       knob("keys"), knob("bwd_threads"), knob("q_split"), dl),
+                                                       knob("keys"), knob("bwd_threads"), knob("q_split"),
+                                                       knob("dkdv_rows"), knob("num_stages"), dl),
         "row_dot": lambda: slc.row_dot(DV, dtype, 128, dl),
     }
 

@@ -23,6 +23,8 @@ sequence s are rows ``cu_q[s]..cu_q[s+1]`` of Q, its keys rows ``cu_k[s]..cu_k[s
   a few ms for the recomputation.)
 * ``dense_bwd_dkdv``: one CTA per (key tile, kv head): dK and dV of the tile stay in registers
   over every query tile that sees it and are stored once (each key belongs to exactly one tile).
+  Its query tiles are either gathered like the forward's (G heads a token) or, with
+  ``dkdv_rows = "head"``, consecutive rows of one head copied by TMA in a pipelined loop.
 
 Tile tables (``[tiles, 2]`` = (sequence, first position), ``-1`` sequence for padding) are built
 on the GPU by ``fsagen.tile_index`` without host synchronisation.
@@ -33,7 +35,8 @@ import math
 import tilelang.language as T
 
 from .target import SIMT, Dialect
-from .tiles import ACCUM, LOG2E, make_gather_row_stat, make_gather_rows, make_online_softmax
+from .tiles import (ACCUM, LOG2E, make_gather_row_stat, make_gather_rows, make_kv_grads_from_probs,
+                    make_online_softmax)
 
 LN2 = math.log(2.0)
 INDEX = "int32"
@@ -162,6 +165,27 @@ def dense_fwd(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, keys:
     return main
 
 
+def make_gather_query_tile(rows: int, D: int, DV: int, G: int, dl: Dialect, io):
+    """``gather_tile(Q, dO, lse2, delta, h, q0, p0, p_end, row_tok, row_lse2, row_delta, Q_s, dO_s)``:
+    the backward's query tile at position ``p0`` of the sequence starting at packed row ``q0``:
+    ``rows // G`` queries x the G heads of kv head ``h``; rows at or past ``p_end`` are dead
+    (token -1, zeros)."""
+    gather_q = make_gather_rows(rows, D, G, dl, io)
+    gather_do = make_gather_rows(rows, DV, G, dl, io)
+    gather_stat = make_gather_row_stat(rows, G, dl)
+
+    @T.macro
+    def gather_tile(Q, dO, lse2, delta, h, q0, p0, p_end, row_tok, row_lse2, row_delta, Q_s, dO_s):
+        for r in dl.par(rows):
+            row_tok[r] = T.if_then_else(p0 + r // G < p_end, q0 + p0 + r // G, -1)
+        gather_stat(lse2, h, row_tok, row_lse2)
+        gather_stat(delta, h, row_tok, row_delta)
+        gather_q(Q, h, row_tok, Q_s)
+        gather_do(dO, h, row_tok, dO_s)
+
+    return gather_tile
+
+
 def dense_bwd_dq(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, keys: int,
                  threads: int, num_stages: int, dl: Dialect = SIMT):
     """dQ by query tiles (the forward's loop): recomputes P from lse, no atomics, no float32 buffer."""
@@ -174,9 +198,7 @@ def dense_bwd_dq(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, ke
     io = dl.io(dtype)
     copy_k = dl.make_copy_rows(BN, D, io)
     copy_v = dl.make_copy_rows(BN, DV, io)
-    gather_q = make_gather_rows(R, D, G, dl, io)
-    gather_do = make_gather_rows(R, DV, G, dl, io)
-    gather_stat = make_gather_row_stat(R, G, dl)
+    gather_tile = make_gather_query_tile(R, D, DV, G, dl, io)
 
     @T.prim_func
     def main(
@@ -215,12 +237,7 @@ def dense_bwd_dq(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, ke
                 p1 = T.min(p0 + BQ, cu_q[seq + 1] - q0)
                 k_lo = lo(p0, arg_a, arg_b)
                 k_hi = T.min(hi(p1 - 1, arg_a, arg_b), cu_k[seq + 1] - k0)
-                for r in dl.par(R):
-                    row_tok[r] = T.if_then_else(p0 + r // G < p1, q0 + p0 + r // G, -1)
-                gather_stat(lse2, h, row_tok, row_lse2)
-                gather_stat(delta, h, row_tok, row_delta)
-                gather_q(Q, h, row_tok, Q_s)
-                gather_do(dO, h, row_tok, dO_s)
+                gather_tile(Q, dO, lse2, delta, h, q0, p0, p1, row_tok, row_lse2, row_delta, Q_s, dO_s)
                 T.clear(acc_dq)
                 for it in T.Pipelined(T.ceildiv(T.max(k_hi - k_lo, 0), BN), num_stages=num_stages):
                     j0 = k_lo + it * BN
@@ -246,32 +263,75 @@ def dense_bwd_dq(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, ke
     return main
 
 
+DKDV_ROWS = ("gather", "head")
+
+
 def dense_bwd_dkdv(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, keys: int,
-                   threads: int, q_split: int, dl: Dialect = SIMT):
+                   threads: int, q_split: int, dkdv_rows: str = "gather", num_stages: int = 1,
+                   dl: Dialect = SIMT):
     """dK, dV by key tiles: each key tile's gradients stay in registers over the query tiles that
     see it. ``q_split == 0``: one CTA takes all of them and stores dK/dV once (a key belongs to
     one tile: no atomics). ``q_split > 0``: the queries are cut into runs of ``q_split``
     positions, one CTA each (the tile table's third column is the run), and each adds its
     partial dK/dV into float32 buffers: cmp has few key tiles (N / stride keys) each seen by up to
-    N queries, which left 128 CTAs with long serial loops at N = 65536 (150 ms at G = 16)."""
+    N queries, which left 128 CTAs with long serial loops at N = 65536 (150 ms at G = 16).
+
+    ``dkdv_rows`` says what the rows of a query tile are:
+
+    * ``"gather"``: ``rows // G`` consecutive queries x the G heads of the group. Those rows are
+      not one box of Q (the heads of a token are contiguous, the tokens are ``Hq`` rows apart), so
+      the threads gather them with loads that block, and the query loop is serial.
+    * ``"head"``: ``rows`` consecutive queries of one head; the loop runs over (query tile,
+      head). Each tile of Q and dO is then one box, copied by TMA in a loop software-pipelined
+      over ``num_stages`` tiles. The row statistics must then come transposed, ``[Hq, NS]`` with
+      ``NS >= N`` a multiple of 4 (a TMA row pitch is a multiple of 16 bytes; the glue pads with 0).
+      Rows past the sequence's end are read and masked: their P and dS are 0.
+    """
+    if dkdv_rows not in DKDV_ROWS:
+        raise ValueError(f"dense_bwd_dkdv: dkdv_rows={dkdv_rows!r} must be one of {DKDV_ROWS}")
+    by_head = dkdv_rows == "head"
     split = q_split > 0
     io = dl.io(dtype)
     GRAD = ACCUM if split else io.tensor
-    if rows % G:
+    if rows % G and not by_head:
         raise ValueError(f"dense_bwd_dkdv: rows={rows} must be a multiple of G={G}")
-    R, BQ, BN = rows, rows // G, keys
+    R, BN = rows, keys
+    BQ = R if by_head else R // G  # query positions per tile
+
+    def row_pos(p0, r):
+        return p0 + r if by_head else p0 + r // G
+
     visible = make_visible(branch)
     q_first, q_end = query_range(branch)
     store = make_store_key_rows(BN, split, dl, io)
+    kv_grads = make_kv_grads_from_probs(R, BN, dl)
 
     def clip_run(first, end):
         return T.min(end, first + q_split) if split else end
     N, NK, HQ, HKV, NT, B1 = T.dynamic("N, NK, HQ, HKV, NT, B1")
+    stat_shape = (HQ, T.dynamic("NS")) if by_head else (N, HQ)
     copy_k = dl.make_copy_rows(BN, D, io)
     copy_v = dl.make_copy_rows(BN, DV, io)
-    gather_q = make_gather_rows(R, D, G, dl, io)
-    gather_do = make_gather_rows(R, DV, G, dl, io)
-    gather_stat = make_gather_row_stat(R, G, dl)
+    if by_head:
+        copy_q = dl.make_copy_rows(R, D, io)
+        copy_do = dl.make_copy_rows(R, DV, io)
+        copy_stat = dl.make_copy_span(R)
+    else:
+        gather_tile = make_gather_query_tile(R, D, DV, G, dl, io)
+
+    @T.macro
+    def tile_grads(K_s, V_s, Q_s, dO_s, P_s, dS_s, row_lse2, row_delta, acc_s, acc_dp, acc_dk, acc_dv,
+                   p0, p_hi, j0, j1, arg_a, arg_b, sm_scale):
+        """One query tile's share of the key tile's dK and dV (rows loaded, statistics gathered)."""
+        T.clear(acc_s)
+        T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+        for r, c in dl.par(R, BN):
+            acc_s[r, c] = T.if_then_else(
+                visible(row_pos(p0, r), p_hi, j0 + c, j1, arg_a, arg_b),
+                T.exp2(acc_s[r, c] * (sm_scale * LOG2E) - row_lse2[r]),
+                0,
+            )
+        kv_grads(Q_s, V_s, dO_s, P_s, dS_s, row_delta, acc_s, acc_dp, acc_dk, acc_dv, sm_scale)
 
     @T.prim_func
     def main(
@@ -282,8 +342,8 @@ def dense_bwd_dkdv(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, 
         tiles: T.Tensor((NT, 3), INDEX),
         cu_q: T.Tensor((B1,), INDEX),
         cu_k: T.Tensor((B1,), INDEX),
-        lse2: T.Tensor((N, HQ), ACCUM),
-        delta: T.Tensor((N, HQ), ACCUM),
+        lse2: T.Tensor(stat_shape, ACCUM),
+        delta: T.Tensor(stat_shape, ACCUM),
         dK: T.Tensor((NK, HKV, D), GRAD),
         dV: T.Tensor((NK, HKV, DV), GRAD),
         arg_a: T.int32,
@@ -297,7 +357,7 @@ def dense_bwd_dkdv(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, 
             dO_s = dl.alloc_tile((R, DV), io.tile)
             P_s = dl.alloc_tile((R, BN), io.tile)
             dS_s = dl.alloc_tile((R, BN), io.tile)
-            row_tok = dl.alloc_tile((R,), INDEX)
+            row_tok = None if by_head else dl.alloc_tile((R,), INDEX)
             row_lse2 = dl.alloc_tile((R,), ACCUM)
             row_delta = dl.alloc_tile((R,), ACCUM)
             acc_s = dl.alloc_acc((R, BN), ACCUM)
@@ -318,30 +378,22 @@ def dense_bwd_dkdv(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, 
                 copy_v(V, h, k0 + j0, NK, V_s)
                 T.clear(acc_dk)
                 T.clear(acc_dv)
-                for it in T.serial(T.ceildiv(T.max(p_hi - p_lo, 0), BQ)):
-                    p0 = p_lo + it * BQ
-                    for r in dl.par(R):
-                        row_tok[r] = T.if_then_else(p0 + r // G < p_hi, q0 + p0 + r // G, -1)
-                    gather_stat(lse2, h, row_tok, row_lse2)
-                    gather_stat(delta, h, row_tok, row_delta)
-                    gather_q(Q, h, row_tok, Q_s)
-                    gather_do(dO, h, row_tok, dO_s)
-                    T.clear(acc_s)
-                    T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                    for r, c in dl.par(R, BN):
-                        acc_s[r, c] = T.if_then_else(
-                            visible(p0 + r // G, p_hi, j0 + c, j1, arg_a, arg_b),
-                            T.exp2(acc_s[r, c] * (sm_scale * LOG2E) - row_lse2[r]),
-                            0,
-                        )
-                    T.clear(acc_dp)
-                    T.gemm(dO_s, V_s, acc_dp, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                    T.copy(acc_s, P_s)
-                    for r, c in dl.par(R, BN):
-                        acc_dp[r, c] = acc_s[r, c] * (acc_dp[r, c] - row_delta[r]) * sm_scale
-                    T.copy(acc_dp, dS_s)
-                    T.gemm(P_s, dO_s, acc_dv, transpose_A=True, policy=T.GemmWarpPolicy.FullRow)
-                    T.gemm(dS_s, Q_s, acc_dk, transpose_A=True, policy=T.GemmWarpPolicy.FullRow)
+                if by_head:
+                    for it in T.Pipelined(T.ceildiv(T.max(p_hi - p_lo, 0), BQ) * G, num_stages=num_stages):
+                        p0 = p_lo + (it // G) * BQ
+                        head = h * G + it % G
+                        copy_q(Q, head, q0 + p0, N, Q_s)
+                        copy_do(dO, head, q0 + p0, N, dO_s)
+                        copy_stat(lse2, head, q0 + p0, N, row_lse2)
+                        copy_stat(delta, head, q0 + p0, N, row_delta)
+                        tile_grads(K_s, V_s, Q_s, dO_s, P_s, dS_s, row_lse2, row_delta, acc_s, acc_dp,
+                                   acc_dk, acc_dv, p0, p_hi, j0, j1, arg_a, arg_b, sm_scale)
+                else:
+                    for it in T.serial(T.ceildiv(T.max(p_hi - p_lo, 0), BQ)):
+                        p0 = p_lo + it * BQ
+                        gather_tile(Q, dO, lse2, delta, h, q0, p0, p_hi, row_tok, row_lse2, row_delta, Q_s, dO_s)
+                        tile_grads(K_s, V_s, Q_s, dO_s, P_s, dS_s, row_lse2, row_delta, acc_s, acc_dp,
+                                   acc_dk, acc_dv, p0, p_hi, j0, j1, arg_a, arg_b, sm_scale)
                 store(acc_dk, dK, k0 + j0, j1 - j0, h)
                 store(acc_dv, dV, k0 + j0, j1 - j0, h)
 

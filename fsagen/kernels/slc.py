@@ -44,7 +44,7 @@ import tilelang.language as T
 
 from .target import SIMT, Dialect
 from .tiles import (ACCUM, LOG2E, make_gather_row_stat, make_gather_rows, make_item_rows,
-                    make_load_kv_rows, make_mask_scores, make_online_softmax, make_probs_from_lse,
+                    make_kv_grads_from_probs, make_load_kv_rows, make_mask_scores, make_online_softmax, make_probs_from_lse,
                     make_scatter_add_rows)
 
 LN2 = math.log(2.0)
@@ -182,6 +182,7 @@ def kv_bwd(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, threads: int
     load_k = make_load_kv_rows(BS, D, dl, io)
     load_v = make_load_kv_rows(BS, DV, dl, io)
     probs = make_probs_from_lse(R, BS, dl)
+    kv_grads = make_kv_grads_from_probs(R, BS, dl)
     item_rows = make_item_rows(R, G, dl)
     gather_q = make_gather_rows(R, D, G, dl, io)
     gather_do = make_gather_rows(R, DV, G, dl, io)
@@ -243,14 +244,7 @@ def kv_bwd(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, threads: int
                     T.clear(acc_s)
                     T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
                     probs(acc_s, row_tok, row_lse2, kb, sm_scale * LOG2E)
-                    T.clear(acc_dp)
-                    T.gemm(dO_s, V_s, acc_dp, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                    T.copy(acc_s, P_s)
-                    for r, c in dl.par(R, BS):
-                        acc_dp[r, c] = acc_s[r, c] * (acc_dp[r, c] - row_delta[r]) * sm_scale
-                    T.copy(acc_dp, dS_s)
-                    T.gemm(P_s, dO_s, acc_dv, transpose_A=True, policy=T.GemmWarpPolicy.FullRow)
-                    T.gemm(dS_s, Q_s, acc_dk, transpose_A=True, policy=T.GemmWarpPolicy.FullRow)
+                    kv_grads(Q_s, V_s, dO_s, P_s, dS_s, row_delta, acc_s, acc_dp, acc_dk, acc_dv, sm_scale)
                     if with_dq:
                         T.clear(acc_dq)
                         T.gemm(dS_s, K_s, acc_dq, policy=T.GemmWarpPolicy.FullRow)

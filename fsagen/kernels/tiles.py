@@ -62,6 +62,25 @@ def make_probs_from_lse(rows: int, cols: int, dl: Dialect):
     return probs_from_lse
 
 
+def make_kv_grads_from_probs(rows: int, cols: int, dl: Dialect):
+    """The backward's step once a tile's probabilities are in ``acc_s`` (0 where not visible):
+    dP = dO V^T, dS = P * (dP - delta) * scale, then dV += P^T dO and dK += dS^T Q. Leaves P in
+    ``P_s`` and dS in ``dS_s`` (input dtype, shared) for a caller that also wants dQ = dS K."""
+
+    @T.macro
+    def kv_grads_from_probs(Q_s, V_s, dO_s, P_s, dS_s, row_delta, acc_s, acc_dp, acc_dk, acc_dv, sm_scale):
+        T.clear(acc_dp)
+        T.gemm(dO_s, V_s, acc_dp, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+        T.copy(acc_s, P_s)
+        for r, c in dl.par(rows, cols):
+            acc_dp[r, c] = acc_s[r, c] * (acc_dp[r, c] - row_delta[r]) * sm_scale
+        T.copy(acc_dp, dS_s)
+        T.gemm(P_s, dO_s, acc_dv, transpose_A=True, policy=T.GemmWarpPolicy.FullRow)
+        T.gemm(dS_s, Q_s, acc_dk, transpose_A=True, policy=T.GemmWarpPolicy.FullRow)
+
+    return kv_grads_from_probs
+
+
 def make_gather_rows(rows: int, dim: int, group: int, dl: Dialect, io: IO):
     """Gather a (query, head) row tile: row r reads token ``row_tok[r]``, query head
     ``kv_head * group + r % group``; dead rows (``row_tok[r] < 0``) are zero.

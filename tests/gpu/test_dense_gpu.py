@@ -97,6 +97,10 @@ def _ref_grads(fn, q, k, v, do):
 @pytest.mark.parametrize("D", DS)
 @pytest.mark.parametrize("G", GS)
 def test_cmp_attention(G, D, ks, s, dtype, layout):
+    _check_cmp(G, D, ks, s, dtype, layout, "cmp-gpu")
+
+
+def _check_cmp(G, D, ks, s, dtype, layout, tag):
     gen = _gen()
     cu = _layout(layout, gen)
     cuc = _cu_cmp(cu, ks, s)
@@ -109,7 +113,7 @@ def test_cmp_attention(G, D, ks, s, dtype, layout):
                          q, k, v, do)
     ro, rl, rgrads = _ref_grads(lambda a, b, c: cmp_attention_reference(a, b, c, cu, cuc, ks, s), q, k, v, do)
     case = f"G={G} D={D} ks={ks} s={s} {str(dtype)[6:]} {layout} N={n} Nc={nc}"
-    _compare(o, lse, grads, ro, rl, rgrads, dtype, case, "cmp-gpu")
+    _compare(o, lse, grads, ro, rl, rgrads, dtype, case, tag)
 
 
 @pytest.mark.parametrize("layout", ["random", "edges"])
@@ -118,6 +122,10 @@ def test_cmp_attention(G, D, ks, s, dtype, layout):
 @pytest.mark.parametrize("D", DS)
 @pytest.mark.parametrize("G", GS)
 def test_sliding_window_attention(G, D, window, dtype, layout):
+    _check_swa(G, D, window, dtype, layout, "swa-gpu")
+
+
+def _check_swa(G, D, window, dtype, layout, tag):
     gen = _gen()
     cu = _layout(layout, gen)
     n = int(cu[-1])
@@ -129,7 +137,7 @@ def test_sliding_window_attention(G, D, window, dtype, layout):
                          q, k, v, do)
     ro, rl, rgrads = _ref_grads(lambda a, b, c: swa_reference(a, b, c, cu, window), q, k, v, do)
     case = f"G={G} D={D} window={window} {str(dtype)[6:]} {layout} N={n}"
-    _compare(o, lse, grads, ro, rl, rgrads, dtype, case, "swa-gpu")
+    _compare(o, lse, grads, ro, rl, rgrads, dtype, case, tag)
 
 
 def _reference_block_scores(p_list, cu, ks, s, bs):
@@ -208,3 +216,27 @@ def test_select_blocks(G, D, ks, s, bs, dtype, layout):
                ("rows_exact", "recall", "clear_row_mismatches"))
     assert mismatched_clear == 0, f"{case}: {mismatched_clear} rows with a clear margin differ from the reference"
     assert recall > 0.99, f"{case}: recall {recall:.4f} of the reference's blocks"
+
+
+# dK / dV with query tiles of one head's rows (dkdv_rows = "head": TMA boxes, pipelined loop): the
+# shapes a sweep may pick (bench/variants/dense_dkdv.toml), with the shipped rules' other knobs
+HEAD_ROWS = {
+    "swa-r64": ("swa", "rows = 64, keys = 64, bwd_threads = 128"),
+    "swa-r128": ("swa", "rows = 128, keys = 64, bwd_threads = 256"),
+    "cmp-r128": ("cmp", "rows = 128, keys = 64, bwd_threads = 256, q_split = 4096"),
+    "cmp-r64-runs": ("cmp", "rows = 64, keys = 64, bwd_threads = 128, q_split = 256"),
+}
+
+
+@pytest.mark.parametrize("layout", ["random", "edges"])
+@pytest.mark.parametrize("D", DS)
+@pytest.mark.parametrize("G", (1, 4, 16))
+@pytest.mark.parametrize("variant", sorted(HEAD_ROWS))
+def test_dense_backward_by_head_rows(variant, G, D, layout, edited_schedule):
+    branch, knobs = HEAD_ROWS[variant]
+    edited_schedule("sm90", "[[rules]]", f'[[rules]]\nwhen = {{ branch = "{branch}", phase = "bwd" }}\n'
+                    f'loop_order = "dense"\nknobs = {{ dkdv_rows = "head", {knobs} }}\n\n[[rules]]')
+    if branch == "swa":
+        _check_swa(G, D, 512, torch.bfloat16, layout, f"dkdv-head-{variant}")
+    else:
+        _check_cmp(G, D, 32, 16, torch.bfloat16, layout, f"dkdv-head-{variant}")
