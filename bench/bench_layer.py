@@ -298,7 +298,7 @@ def bench_dense(rows, timeit, q, k, v, meta) -> None:
 def bench_stages(rows, timeit, q, k, v, gates, cu, meta) -> None:
     """Each stage of the layer alone (forward), then the backward of each differentiable stage."""
     import fsagen
-    from fsagen.nsa import _gate_sum  # the layer's own gated sum (a private helper of fsagen.nsa)
+    from fsagen.gating import gate_sum  # the layer's own gated sum
 
     c = LAYER
     ks, s, bs = c["kernel_size"], c["stride"], c["block_size"]
@@ -310,7 +310,7 @@ def bench_stages(rows, timeit, q, k, v, gates, cu, meta) -> None:
                                c["local_blocks"], check_values=False)
     o_slc, _ = fsagen.selected_attention(q, k, v, idx, bs, cu, return_lse=True, check_indices=False)
     o_swa, _ = fsagen.sliding_window_attention(q, k, v, cu, c["window_size"], return_lse=True, check_values=False)
-    o = _gate_sum(o_cmp, o_slc, o_swa, gates)
+    o = gate_sum(o_cmp, o_slc, o_swa, gates)
 
     qd, kd, vd, gd = q.detach(), k.detach(), v.detach(), gates.detach()
     forward = {
@@ -322,7 +322,7 @@ def bench_stages(rows, timeit, q, k, v, gates, cu, meta) -> None:
         "slc": lambda: fsagen.selected_attention(qd, kd, vd, idx, bs, cu, return_lse=True, check_indices=False),
         "swa": lambda: fsagen.sliding_window_attention(qd, kd, vd, cu, c["window_size"], return_lse=True,
                                                        check_values=False),
-        "gate": lambda: _gate_sum(o_cmp.detach(), o_slc.detach(), o_swa.detach(), gd),
+        "gate": lambda: gate_sum(o_cmp.detach(), o_slc.detach(), o_swa.detach(), gd),
     }
 
     def grad(outputs, inputs):

@@ -8,7 +8,8 @@
 3. :func:`fsagen.select_blocks` (integer top-k, no gradient: fed detached inputs),
 4. :func:`fsagen.selected_attention` (slc branch over the selected blocks),
 5. :func:`fsagen.sliding_window_attention` (swa branch),
-6. ``o = g_cmp * o_cmp + g_slc * o_slc + g_swa * o_swa`` in the gates' dtype (plain torch ops).
+6. :func:`fsagen.gating.gate_sum`: ``o = g_cmp * o_cmp + g_slc * o_slc + g_swa * o_swa`` in the
+   gates' dtype (one generated kernel each way when the gates have q's dtype, else torch ops).
 
 One scale (default ``1/sqrt(D)``) serves every branch.  :func:`nsa_attention_from_compressed` is
 steps 2-6 on keys compressed by the caller, for layers that transform the compressed keys (e.g.
@@ -32,6 +33,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from fsagen.compression import compress
 from fsagen.ops import selected_attention
+from fsagen.gating import gate_sum
 from fsagen.ops_dense import compressed_attention, select_blocks, sliding_window_attention
 from fsagen.reference_cmp import COMPRESS_KINDS, COMPRESS_OPTIONAL, COMPRESS_REQUIRED
 from fsagen.validate import check_scale, check_tensor, fail
@@ -114,12 +116,6 @@ def compress_kv(k: Tensor, v: Tensor, cu_seqlens: Tensor, kernel_size: int, stri
 # --------------------------------------------------------------------------- the branches
 
 
-def _gate_sum(o_cmp: Tensor, o_slc: Tensor, o_swa: Tensor, gates: Tensor) -> Tensor:
-    g = (gates if gates.dim() == 3 else gates[:, None, :]).unsqueeze(-1)  # [N, Hq or 1, 3, 1]
-    dt = gates.dtype
-    return g[:, :, 0] * o_cmp.to(dt) + g[:, :, 1] * o_slc.to(dt) + g[:, :, 2] * o_swa.to(dt)
-
-
 def nsa_attention_from_compressed(q: Tensor, k: Tensor, v: Tensor, k_cmp: Tensor, v_cmp: Tensor, gates: Tensor,
                                   cu_seqlens: Tensor, cu_seqlens_cmp: Tensor, *, kernel_size: int, stride: int,
                                   block_size: int, topk: int, init_blocks: int, local_blocks: int,
@@ -146,7 +142,7 @@ def nsa_attention_from_compressed(q: Tensor, k: Tensor, v: Tensor, k_cmp: Tensor
                                         check_indices=check_values)
     o_swa, lse_swa = sliding_window_attention(q, k, v, cu_seqlens, window_size, scale, return_lse=True,
                                               check_values=check_values)
-    o = _gate_sum(o_cmp, o_slc, o_swa, gates)
+    o = gate_sum(o_cmp, o_slc, o_swa, gates)
     if not return_parts:
         return o
     return o, dict(zip(PART_NAMES, (o_cmp, o_slc, o_swa, lse_cmp, lse_slc, lse_swa, topk_idx)))

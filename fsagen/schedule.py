@@ -15,7 +15,7 @@ from fsagen.errors import NoGPU, ScheduleError, UnsupportedSpec
 from fsagen.paths import schedules_dir
 from fsagen.spec import BRANCHES, KernelSpec, read_toml, canonical_key
 
-LOOP_ORDERS = ("kv_outer", "q_outer", "dense", "sel", "comp", "dec")
+LOOP_ORDERS = ("kv_outer", "q_outer", "dense", "sel", "comp", "dec", "gate")
 # The loop orders (program families, fsagen/kernels) that can run each branch: the selected blocks
 # in either order; the contiguous key ranges of cmp and swa by the dense programs; sel and comp by
 # their own.
@@ -26,6 +26,7 @@ BRANCH_LOOP_ORDERS = {
     "sel": ("sel",),
     "comp": ("comp",),  # compression (pooling of raw k/v)
     "dec": ("dec",),  # decode attention over a paged cache (split-KV)
+    "gate": ("gate",),  # the gated sum of the branches' outputs
 }
 # Every knob a schedule may set, its type, and a rule each value must keep.  Which knobs a plan
 # needs is the kernels' business: fsagen.kernels.REQUIRED_KNOBS[(loop_order, phase)].

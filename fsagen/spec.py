@@ -19,8 +19,9 @@ from fsagen.paths import default_grid_file
 # slc: attention over the selected blocks; cmp: attention over the compressed tokens; swa: sliding
 # window attention; sel: top-k block selection from the compressed branch's scores; comp: compression
 # of raw k/v into compressed tokens (mean / weighted pooling; no query heads, so G is 1); dec: decode
-# attention, one new query per sequence over pages of a paged KV cache (block_size = the page size).
-BRANCHES = ("slc", "cmp", "swa", "sel", "comp", "dec")
+# attention, one new query per sequence over pages of a paged KV cache (block_size = the page size);
+# gate: the gated sum of the three branches' outputs (per (token, head) row; G is 1).
+BRANCHES = ("slc", "cmp", "swa", "sel", "comp", "dec", "gate")
 PHASES = ("fwd", "bwd")
 # dtype name -> short form used in readable names
 DTYPES = {"bfloat16": "bf16", "float16": "fp16"}
@@ -37,12 +38,13 @@ BRANCH_RULES: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
                        "stride": _POSITIVE}),
     "comp": (PHASES, {"block_size": _ZERO, "topk": _ZERO, "kernel_size": _POSITIVE, "stride": _POSITIVE}),
     "dec": (("fwd",), {"block_size": _POSITIVE, "topk": _ZERO, "kernel_size": _ZERO, "stride": _ZERO}),
+    "gate": (PHASES, {"block_size": _ZERO, "topk": _ZERO, "kernel_size": _ZERO, "stride": _ZERO}),
 }
 _UNUSED_WHY = {"cmp": "its key range is a runtime argument", "swa": "its key range is a runtime argument"}
 # (branch, field, divisor field): field must be a multiple of the divisor field
 _MULTIPLES = (("sel", "kernel_size", "stride"), ("sel", "block_size", "stride"), ("comp", "kernel_size", "stride"))
 # (branch, field, the only value it may take)
-_FIXED = (("comp", "G", 1),)
+_FIXED = (("comp", "G", 1), ("gate", "G", 1))
 
 
 def _check_choice(owner: str, field: str, value, choices) -> None:

@@ -210,7 +210,8 @@ def test_kernel_source_files_follow_each_family():
     tree = ast.parse((kernels_dir() / "__init__.py").read_text())
     builders = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef) and f.name.endswith("_builders")}
     family_of = {"slc": "_slc_builders", "cmp": "_dense_builders", "swa": "_dense_builders",
-                 "sel": "_sel_builders", "comp": "_comp_builders", "dec": "_dec_builders"}
+                 "sel": "_sel_builders", "comp": "_comp_builders", "dec": "_dec_builders",
+                 "gate": "_gate_builders"}
     assert set(family_of.values()) == set(builders)
     for branch, fname in family_of.items():
         imported = {a.name for n in ast.walk(builders[fname]) if isinstance(n, ast.ImportFrom) and n.level == 1

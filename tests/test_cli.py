@@ -72,8 +72,8 @@ def test_plans_per_branch(loop_orders):
 
 
 # the ci subset: 4 slc specs (2 loop orders each with --loop-orders all) + 5 cmp/swa (dense) and sel (sel)
-# specs + 2 comp (compression) specs + 1 dec (decode attention) spec
-CI_AUTO, CI_ALL = 12, 4 * 2 + 5 + 2 + 1
+# specs + 2 comp (compression) specs + 1 dec (decode attention) spec + 2 gate (gated sum) specs
+CI_AUTO, CI_ALL = 14, 4 * 2 + 5 + 2 + 1 + 2
 PROGRESS = re.compile(r"\[ *(\d+/\d+)\] (\S+)  (\S+) ")
 
 
@@ -89,7 +89,7 @@ def test_build_list_show_clean(env, tmp_path):
     assert len(lines) == CI_ALL and lines[-1][0] == f"{CI_ALL}/{CI_ALL}"
     built = {(name.split("_")[0], order) for _, name, order in lines}
     assert built == {("slc", "kv_outer"), ("slc", "q_outer"), ("cmp", "dense"), ("swa", "dense"), ("sel", "sel"), ("dec", "dec"),
-                     ("comp", "comp")}
+                     ("comp", "comp"), ("gate", "gate")}
     manifest = json.loads((out / "sm90" / "manifest.json").read_text())
     assert len(manifest["artifacts"]) == CI_ALL and manifest["subset"] == "ci"
     assert manifest["versions"]["tilelang"]
@@ -207,9 +207,9 @@ def test_build_skips_branches_the_schedule_does_not_run(env, tmp_path):
     schedules = tmp_path / "schedules"
     schedules.mkdir()
     text = load_schedule("cpu").path.read_text()
-    listed = 'branch = ["slc", "cmp", "swa", "sel", "comp", "dec"]'
+    listed = 'branch = ["slc", "cmp", "swa", "sel", "comp", "dec", "gate"]'
     assert listed in text
-    (schedules / "cpu.toml").write_text(text.replace(listed, 'branch = ["slc", "cmp", "swa", "sel", "dec"]', 1))
+    (schedules / "cpu.toml").write_text(text.replace(listed, 'branch = ["slc", "cmp", "swa", "sel", "dec", "gate"]', 1))
     grid = tmp_path / "grid.toml"
     grid.write_text('[[grid]]\nbranch = ["comp"]\nphase = ["fwd"]\nG = [1]\nD = [64]\ndtype = ["float16"]\n'
                     'block_size = [0]\ntopk = [0]\nkernel_size = [32]\nstride = [16]\n')

@@ -48,6 +48,7 @@ KERNELS = [
     # compression (no query heads: G = 1); the decode test's cache compresses with it too
     *[(_spec("comp", phase, dtype, g=1, kernel_size=KS, stride=STRIDE), None) for dtype in (BF16, FP16)
       for phase in ("fwd", "bwd")],
+    *[(_spec("gate", phase, dtype, g=1), None) for dtype in (BF16, FP16) for phase in ("fwd", "bwd")],
 ]
 
 
@@ -210,6 +211,51 @@ def test_compress_on_cpu(dtype, kind, monkeypatch):
     params = _params(kind, False, HKV, KS, D, D, dtype, gen)
     errs, k_cmp, _ = compare_with_grads(k, v, cu, KS, STRIDE, kind, params, gen, 1e-2 if dtype == BF16 else 2e-3)
     assert calls == ["forward", "backward"] and k_cmp.shape[0] > 0 and "dk" in errs, (calls, errs)
+
+
+def _gate_reference(outs, gates, do):
+    """float64 gated sum and its gradients (o_cmp, o_slc, o_swa, gates)."""
+    leaves = [t.detach().double().requires_grad_() for t in (*outs, gates)]
+    g = (leaves[3] if gates.dim() == 3 else leaves[3][:, None, :]).unsqueeze(-1)
+    o = sum(g[:, :, b] * leaves[b] for b in range(3))
+    return o.detach(), torch.autograd.grad(o, leaves, do.double())
+
+
+@pytest.mark.parametrize("per_token", [False, True], ids=["per-head", "per-token"])
+@pytest.mark.parametrize("dtype", [BF16, FP16], ids=["bf16", "fp16"])
+def test_gate_sum_on_cpu(dtype, per_token, monkeypatch):
+    """The gated sum of the three branches runs the gate kernels (forward and backward; the op's
+    glue is spied on) and matches the float64 sum and gradients; 37 x 6 rows is not a multiple of
+    the 16-row tiles, and per-token gates broadcast over the heads (their gradient sums them)."""
+    from fsagen import gating
+
+    calls = []
+    for name in ("forward", "backward"):
+        glue = getattr(gating, name)
+        monkeypatch.setattr(gating, name, lambda *a, _g=glue, _n=name: calls.append(_n) or _g(*a))
+    gen = _gen()
+    n, hq = 37, 6
+    outs = [_randn(gen, n, hq, D, dtype=dtype).requires_grad_() for _ in range(3)]
+    gates = torch.rand((n, 3) if per_token else (n, hq, 3), generator=gen).to(dtype).requires_grad_()
+    o = gating.gate_sum(*outs, gates)
+    do = _randn(gen, n, hq, D, dtype=dtype)
+    grads = torch.autograd.grad(o, (*outs, gates), do)
+    ro, rgrads = _gate_reference(outs, gates, do)
+    assert calls == ["forward", "backward"] and o.dtype == dtype and grads[3].shape == gates.shape
+    tol = 1e-2 if dtype == BF16 else 2e-3
+    for name, got, want in zip(("o", "d_cmp", "d_slc", "d_swa", "d_gates"), (o, *grads), (ro, *rgrads)):
+        err = ((got.double() - want).norm() / want.norm()).item()
+        assert err < tol, (name, err)
+
+
+def test_gate_sum_op_passes_opcheck():
+    from fsagen import ops_gate  # noqa: F401
+
+    gen = _gen()
+    outs = [_randn(gen, 9, 4, D, dtype=BF16) for _ in range(3)]
+    for gates in (torch.rand(9, 4, 3, generator=gen).to(BF16), torch.rand(9, 3, generator=gen).to(BF16)):
+        args = (*(t.clone().requires_grad_() for t in outs), gates.requires_grad_())
+        torch.library.opcheck(torch.ops.fsagen.gate_sum.default, args)
 
 
 def _swa_fwd_stage():

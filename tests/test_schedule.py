@@ -211,7 +211,7 @@ def test_missing_dense_knob_is_an_error_naming_it(tmp_path, make, knob):
 
 
 def test_branch_outside_supports_is_unsupported(tmp_path):
-    schedule = Schedule.from_file(_schedule(tmp_path, BASE.replace('branch = ["slc", "cmp", "swa", "sel", "comp", "dec"]',
+    schedule = Schedule.from_file(_schedule(tmp_path, BASE.replace('branch = ["slc", "cmp", "swa", "sel", "comp", "dec", "gate"]',
                                                                    'branch = ["slc", "cmp"]', 1)))
     schedule.plan(cmp_spec())
     with pytest.raises(UnsupportedSpec, match=r"KernelSpec\.branch='swa' is not supported.*branch must be one of"):

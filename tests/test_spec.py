@@ -15,6 +15,7 @@ SPECS = {
     "sel": KernelSpec("sel", "fwd", 4, 128, 64, 16, "bfloat16", kernel_size=32, stride=16),
     "comp": KernelSpec("comp", "fwd", 1, 128, 0, 0, "bfloat16", kernel_size=32, stride=16),
     "dec": KernelSpec("dec", "fwd", 4, 128, 64, 0, "bfloat16"),
+    "gate": KernelSpec("gate", "fwd", 1, 128, 0, 0, "bfloat16"),
 }
 
 
@@ -68,6 +69,7 @@ def test_every_field_changes_name_and_hash(spec):
     ("swa", "swa_bwd_fp16_g2_d64"),
     ("sel", "sel_fwd_bf16_g4_d128_bs64_ks32_s16_k16"),
     ("comp", "comp_fwd_bf16_g1_d128_ks32_s16"),
+    ("gate", "gate_fwd_bf16_g1_d128"),
 ])
 def test_name_is_readable_with_short_hash(branch, readable):
     spec = SPECS[branch]
@@ -166,8 +168,8 @@ def test_default_grid():
     by_branch = {b: [s for s in specs if s.branch == b] for b in BRANCHES}
     assert {b: len(v) for b, v in by_branch.items()} == {
         "slc": 2 * 5 * 2 * 2 * 2, "cmp": 2 * 5 * 2 * 2, "swa": 2 * 5 * 2 * 2, "sel": 5 * 2 * 2 * 3,
-        "comp": 2 * 2 * 2 * 3, "dec": 5 * 2 * 2}
-    assert len(specs) == 264
+        "comp": 2 * 2 * 2 * 3, "dec": 5 * 2 * 2, "gate": 2 * 2 * 2}
+    assert len(specs) == 272
     assert len({s.name for s in specs}) == len(specs)
     assert {(s.block_size, s.topk) for s in by_branch["slc"]} == {(64, 16), (128, 8)}
     assert {(s.block_size, s.kernel_size, s.stride, s.topk) for s in by_branch["sel"]} == {
@@ -176,20 +178,21 @@ def test_default_grid():
     assert {(s.kernel_size, s.stride) for s in by_branch["comp"]} == {(32, 16), (64, 32), (32, 32)}
     assert {s.G for s in by_branch["comp"]} == {1}  # compression has no query heads
     for b in BRANCHES:
-        assert {s.G for s in by_branch[b]} == ({1} if b == "comp" else {1, 2, 4, 8, 16})
+        assert {s.G for s in by_branch[b]} == ({1} if b in ("comp", "gate") else {1, 2, 4, 8, 16})
         assert {s.D for s in by_branch[b]} == {64, 128}
         assert {s.dtype for s in by_branch[b]} == set(DTYPES)
-    for b in ("cmp", "swa", "comp"):
+    for b in ("cmp", "swa", "comp", "gate"):
         assert {s.phase for s in by_branch[b]} == set(PHASES)
     assert {(s.phase, s.block_size) for s in by_branch["dec"]} == {("fwd", 64)}  # decode: page size 64
     ci = load_grid(subset="ci")
-    assert 0 < len(ci) < 15 and set(ci) <= set(specs)
+    assert 0 < len(ci) < 17 and set(ci) <= set(specs)
     assert {s.phase for s in ci} == {"fwd", "bwd"}
     assert [(s.branch, s.phase, s.G, s.D, s.dtype) for s in ci if s.branch != "slc"] == [
         ("cmp", "fwd", 4, 128, "bfloat16"), ("cmp", "bwd", 4, 128, "bfloat16"),
         ("swa", "fwd", 2, 64, "float16"), ("swa", "bwd", 1, 128, "bfloat16"), ("sel", "fwd", 4, 128, "bfloat16"),
-        ("comp", "fwd", 1, 128, "bfloat16"), ("comp", "bwd", 1, 64, "float16"), ("dec", "fwd", 4, 128, "bfloat16")]
-    assert ci[-4] == SPECS["sel"] and ci[-3] == SPECS["comp"] and ci[-1] == SPECS["dec"]
+        ("comp", "fwd", 1, 128, "bfloat16"), ("comp", "bwd", 1, 64, "float16"), ("dec", "fwd", 4, 128, "bfloat16"),
+        ("gate", "fwd", 1, 128, "bfloat16"), ("gate", "bwd", 1, 64, "float16")]
+    assert ci[-6] == SPECS["sel"] and ci[-5] == SPECS["comp"] and ci[-3] == SPECS["dec"]
 
 
 GRID = """

@@ -16,6 +16,7 @@ Program families ("loop orders" in a schedule):
   (``decode.py``; serves slc, swa and cmp at decode time).
 * ``comp``: compression of raw k/v into compressed tokens (``compress.py``; mean and weighted
   pooling are one program with per-(kv head, window position) weights).
+* ``gate``: the gated sum of the three branches' outputs and its backward (``gate.py``).
 """
 
 # Knobs each (loop order, phase) reads from its plan. The schedule layer validates plans against
@@ -33,6 +34,8 @@ REQUIRED_KNOBS = {
     ("comp", "fwd"): ("rows", "threads"),
     ("comp", "bwd"): ("rows", "bwd_threads"),
     ("dec", "fwd"): ("threads", "num_stages"),
+    ("gate", "fwd"): ("rows", "threads"),
+    ("gate", "bwd"): ("rows", "bwd_threads"),
 }
 
 # The modules each branch's programs come from (besides this file and what they import from the
@@ -45,6 +48,7 @@ FAMILY_MODULES = {
     "sel": ("select",),
     "comp": ("compress",),
     "dec": ("decode",),
+    "gate": ("gate",),
 }
 
 _DTYPES = {"bfloat16": "bfloat16", "float16": "float16"}
@@ -59,6 +63,8 @@ def stage_names(branch: str, loop_order: str, phase: str) -> tuple:
                 "decode_combine")
     if branch == "comp":
         return ("comp_fwd",) if phase == "fwd" else ("comp_bwd_dx", "comp_bwd_dw")
+    if branch == "gate":
+        return ("gate_fwd",) if phase == "fwd" else ("gate_bwd",)
     return {
         ("kv_outer", "fwd"): ("kv_fwd_stats", "kv_fwd_accum"),
         ("kv_outer", "bwd"): ("row_dot", "kv_bwd"),
@@ -146,6 +152,14 @@ def _dec_builders(spec, plan, dtype, dl):
             "decode_combine": lambda: decode.decode_combine(spec.D, dl)}
 
 
+def _gate_builders(spec, plan, dtype, dl):
+    from . import gate
+
+    knob = plan.knob
+    return {"gate_fwd": lambda: gate.gate_fwd(spec.D, dtype, knob("rows"), knob("threads"), dl),
+            "gate_bwd": lambda: gate.gate_bwd(spec.D, dtype, knob("rows"), knob("bwd_threads"), dl)}
+
+
 def build_programs(spec, plan, target: dict | None = None) -> dict:
     """Fresh programs for every stage of ``plan`` applied to ``spec``, spelled for ``target`` (the
     schedule's ``[target]`` table; None: a GPU): a PrimFunc each, or (PrimFunc, pass configs)
@@ -164,6 +178,8 @@ def build_programs(spec, plan, target: dict | None = None) -> dict:
         builders = _comp_builders(spec, plan, dtype, dl)
     elif spec.branch == "dec":
         builders = _dec_builders(spec, plan, dtype, dl)
+    elif spec.branch == "gate":
+        builders = _gate_builders(spec, plan, dtype, dl)
     else:
         raise ValueError(f"no programs for branch {spec.branch!r}")
     configs = dl.pass_configs()
