@@ -5,7 +5,7 @@
 # only the Llama model and what it imports (import transformers and LlamaForCausalLM work; other
 # models do not), and the packages named below are left out. Checked: tests/test_llama_nsa.py passes
 # in a fresh venv holding only torch, numpy and pytest, with the bundle built for Python 3.11 on its path.
-# bench/run_layer_gpu.sh unpacks it when `import transformers` fails there, and puts it at the END of
+# bench/run_gpu.sh unpacks it when `import transformers` fails there, and puts it at the END of
 # PYTHONPATH, so the machine's own numpy, packaging, filelock, ... win over the bundle's copies.
 # Usage (on the CPU machine, a minute or two): bench/hf_bundle.sh [OUT_DIR=.gpu] [PYTHON_VERSION=3.12]
 set -euo pipefail

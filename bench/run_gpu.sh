@@ -1,27 +1,31 @@
 #!/usr/bin/env bash
-# The GPU parts of issue 4's layer work, on the GPU machine, from the project root, each under
-# `timeout`, each logging to LOGDIR/<part>.log; LOGDIR/summary.txt gets one line per part (exit status
-# and seconds).  A part that fails does not stop the next.
+# The GPU parts of the open work, on the GPU machine, from the project root, each under `timeout`,
+# each logging to LOGDIR/<part>.log; LOGDIR/summary.txt gets one line per part (exit status and
+# seconds).  A part that fails does not stop the next.
 #
-#   bash bench/run_layer_gpu.sh LOGDIR PART...
+#   bash bench/run_gpu.sh LOGDIR PART...
 #
 # Parts (in the order given):
-#   build   fsagen build --arch sm90 --grid bench/grids/layer_gpu.toml (the kernels of everything below)
+#   build   fsagen build --arch sm90 --grid bench/grids/layer_gpu.toml (the layer's kernels)
 #   smoke   bench/bench_layer.py --smoke            -> LOGDIR/smoke/layer_bench.{md,csv,png}
 #   bench   bench/bench_layer.py (N 8K..64K, G 1 4 16) -> LOGDIR/results/layer_bench.{md,csv,png}
 #   llama   examples/llama_nsa.py                   -> LOGDIR/llama_nsa.md
 #   ddp1    examples/ddp_train.py, world size 1     -> LOGDIR/ddp_world1.md
 #   ddp2    torchrun --nproc_per_node 2 examples/ddp_train.py (needs 2 GPUs) -> LOGDIR/ddp_world2.md
+#   newtests  the GPU tests of the knobs and kernels not yet run on a GPU: gated sum, dense dK/dV by
+#           head rows, kv-outer query chunks in several accumulator windows -> LOGDIR/gpu_errors.log
+#   sweep_dense / sweep_q / sweep_kv  bench/sweep.py of bench/variants/{dense_dkdv, q_outer_occupancy,
+#           kv_outer_occupancy}.toml (build on 16 cores, check, time) -> LOGDIR/sweep_*.md
 #
 # Needs .gpu/ set up as ../shared/gpu/README.md says (TileLang bundle + env.sh), and for `llama`,
 # when the machine has no transformers, .gpu/transformers-py312.tar.xz from bench/hf_bundle.sh.
 # Each part fits a 600 s device call on its own; e.g. with the device tool, carrying .gpu:
-#   bash bench/run_layer_gpu.sh $OUT build smoke llama ddp1      (H100)
-#   bash bench/run_layer_gpu.sh $OUT bench                       (H100, same warm machine: kernels built)
-#   bash bench/run_layer_gpu.sh $OUT build ddp2                  (nvidia-h200-x2)
+#   bash bench/run_gpu.sh $OUT build smoke llama ddp1      (H100)
+#   bash bench/run_gpu.sh $OUT bench                       (H100, same warm machine: kernels built)
+#   bash bench/run_gpu.sh $OUT build ddp2                  (nvidia-h200-x2)
 set -uo pipefail
 if [ $# -lt 2 ]; then
-  sed -n '2,22p' "$0"; exit 2
+  sed -n '2,25p' "$0"; exit 2
 fi
 log=$1; shift
 mkdir -p "$log"; log=$(cd "$log" && pwd)
@@ -63,7 +67,17 @@ for part in "$@"; do
     ddp1)  run_part ddp1 400 python3 examples/ddp_train.py --out "$log/ddp_world1.md" ;;
     ddp2)  run_part ddp2 500 python3 -m torch.distributed.run --standalone --nproc_per_node 2 examples/ddp_train.py \
              --out "$log/ddp_world2.md" ;;
-    *) echo "unknown part $part (build smoke bench llama ddp1 ddp2)" | tee -a "$log/summary.txt" ;;
+    newtests) run_part newtests 500 python3 -m pytest -q -m gpu tests/gpu/test_gate_gpu.py \
+             "tests/gpu/test_dense_gpu.py::test_dense_backward_by_head_rows" \
+             "tests/gpu/test_slc_gpu.py::test_kv_outer_query_chunks" ;;
+    sweep_dense) run_part sweep_dense 560 python3 bench/sweep.py bench/variants/dense_dkdv.toml --groups 1 4 16 \
+             --jobs 16 --out "$log" ;;
+    sweep_q) run_part sweep_q 400 python3 bench/sweep.py bench/variants/q_outer_occupancy.toml --groups 8 16 \
+             --jobs 16 --out "$log" ;;
+    sweep_kv) run_part sweep_kv 400 python3 bench/sweep.py bench/variants/kv_outer_occupancy.toml --groups 4 8 16 \
+             --jobs 16 --out "$log" ;;
+    *) echo "unknown part $part (build smoke bench llama ddp1 ddp2 newtests sweep_dense sweep_q sweep_kv)" \
+         | tee -a "$log/summary.txt" ;;
   esac
 done
 echo "== summary ($log/summary.txt)"; cat "$log/summary.txt"
