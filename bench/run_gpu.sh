@@ -14,8 +14,9 @@
 #   ddp2    torchrun --nproc_per_node 2 examples/ddp_train.py (needs 2 GPUs) -> LOGDIR/ddp_world2.md
 #   newtests  the GPU tests of the knobs and kernels not yet run on a GPU: gated sum, dense dK/dV by
 #           head rows, kv-outer query chunks in several accumulator windows -> LOGDIR/gpu_errors.log
-#   sweep_dense / sweep_q / sweep_kv  bench/sweep.py of bench/variants/{dense_dkdv, q_outer_occupancy,
-#           kv_outer_occupancy}.toml (build on 16 cores, check, time) -> LOGDIR/sweep_*.md
+#   sweep_dense / sweep_q / sweep_kv / sweep_kvbwd  bench/sweep.py of bench/variants/{dense_dkdv,
+#           q_outer_occupancy, kv_outer_occupancy, kv_bwd}.toml (build on 16 cores, check, time)
+#           -> LOGDIR/sweep_*.md
 #
 # Needs .gpu/ set up as ../shared/gpu/README.md says (TileLang bundle + env.sh), and for `llama`,
 # when the machine has no transformers, .gpu/transformers-py312.tar.xz from bench/hf_bundle.sh.
@@ -25,7 +26,7 @@
 #   bash bench/run_gpu.sh $OUT build ddp2                  (nvidia-h200-x2)
 set -uo pipefail
 if [ $# -lt 2 ]; then
-  sed -n '2,25p' "$0"; exit 2
+  sed -n '2,26p' "$0"; exit 2
 fi
 log=$1; shift
 mkdir -p "$log"; log=$(cd "$log" && pwd)
@@ -76,7 +77,9 @@ for part in "$@"; do
              --jobs 16 --out "$log" ;;
     sweep_kv) run_part sweep_kv 400 python3 bench/sweep.py bench/variants/kv_outer_occupancy.toml --groups 4 8 16 \
              --jobs 16 --out "$log" ;;
-    *) echo "unknown part $part (build smoke bench llama ddp1 ddp2 newtests sweep_dense sweep_q sweep_kv)" \
+    sweep_kvbwd) run_part sweep_kvbwd 400 python3 bench/sweep.py bench/variants/kv_bwd.toml --groups 8 16 \
+             --jobs 16 --out "$log" ;;
+    *) echo "unknown part $part (build smoke bench llama ddp1 ddp2 newtests sweep_dense sweep_q sweep_kv sweep_kvbwd)" \
          | tee -a "$log/summary.txt" ;;
   esac
 done
