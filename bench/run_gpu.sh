@@ -13,7 +13,8 @@
 #   ddp1    examples/ddp_train.py, world size 1     -> LOGDIR/ddp_world1.md
 #   ddp2    torchrun --nproc_per_node 2 examples/ddp_train.py (needs 2 GPUs) -> LOGDIR/ddp_world2.md
 #   newtests  the GPU tests of the knobs and kernels not yet run on a GPU: gated sum, dense dK/dV by
-#           head rows, kv-outer query chunks in several accumulator windows -> LOGDIR/gpu_errors.log
+#           head rows, kv-outer query chunks in several accumulator windows, kv-outer async gather
+#           -> LOGDIR/gpu_errors.log
 #   sweep_dense / sweep_q / sweep_kv / sweep_kvbwd  bench/sweep.py of bench/variants/{dense_dkdv,
 #           q_outer_occupancy, kv_outer_occupancy, kv_bwd}.toml (build on 16 cores, check, time)
 #           -> LOGDIR/sweep_*.md
@@ -26,7 +27,7 @@
 #   bash bench/run_gpu.sh $OUT build ddp2                  (nvidia-h200-x2)
 set -uo pipefail
 if [ $# -lt 2 ]; then
-  sed -n '2,26p' "$0"; exit 2
+  sed -n '2,27p' "$0"; exit 2
 fi
 log=$1; shift
 mkdir -p "$log"; log=$(cd "$log" && pwd)
@@ -70,7 +71,7 @@ for part in "$@"; do
              --out "$log/ddp_world2.md" ;;
     newtests) run_part newtests 500 python3 -m pytest -q -m gpu tests/gpu/test_gate_gpu.py \
              "tests/gpu/test_dense_gpu.py::test_dense_backward_by_head_rows" \
-             "tests/gpu/test_slc_gpu.py::test_kv_outer_query_chunks" ;;
+             "tests/gpu/test_slc_gpu.py::test_kv_outer_query_chunks" "tests/gpu/test_slc_gpu.py::test_kv_outer_async_gather" ;;
     sweep_dense) run_part sweep_dense 560 python3 bench/sweep.py bench/variants/dense_dkdv.toml --groups 1 4 16 \
              --jobs 16 --out "$log" ;;
     sweep_q) run_part sweep_q 400 python3 bench/sweep.py bench/variants/q_outer_occupancy.toml --groups 8 16 \

@@ -47,6 +47,7 @@ KNOBS: dict[str, tuple[type, object, str]] = {
     "q_ctas_per_sm": (int, lambda v: v >= 0, ">= 0"),
     "ctas_per_sm": (int, lambda v: v >= 0, ">= 0"),
     "dkdv_rows": (str, lambda v: v in ("gather", "head"), 'one of "gather", "head"'),
+    "gather": (str, lambda v: v in ("sync", "async"), 'one of "sync", "async"'),
 }
 
 # Knobs read by the host glue only, never by a program: they are left out of the plan an artifact

@@ -174,6 +174,17 @@ def test_kv_outer_query_chunks_on_cpu(chunk_rows, acc_bytes, edited_schedule, mo
     test_selected_attention_on_cpu("kv_outer")
 
 
+def test_kv_outer_async_gather_on_cpu(edited_schedule):
+    """kv_outer with ``gather = "async"`` (the next tile's rows copied while the current one
+    computes, two Q / dO tiles used in turn): the CPU spells the copy synchronously, so this checks
+    the double-buffered loop's bookkeeping (which tile, which buffer, the last tile, dead rows)
+    against the float64 reference, forward and backward, items of several tiles (tiles_per_item)."""
+    edited_schedule("cpu", 'gather = "sync"', 'gather = "async"')
+    spec = _spec("slc", "fwd", BF16, block_size=SLC_BS, topk=SLC_TOPK)
+    assert load_schedule("cpu").plan(spec, loop_order="kv_outer").knob("gather") == "async"
+    test_selected_attention_on_cpu("kv_outer")
+
+
 def test_q_outer_forward_in_key_steps_on_cpu(edited_schedule):
     """q_outer's forward stepping through each selected block in 16-key halves (knob q_keys)
     still equals the float64 reference (block 32: two steps a block, the causal cut inside)."""

@@ -138,3 +138,28 @@ def test_dense_head_rows_need_sm90(edited_schedule):
     edited_schedule("sm80", 'dkdv_rows = "gather"', 'dkdv_rows = "head"')
     with pytest.raises(ScheduleError, match="dkdv_rows.*needs sm_90"):
         load_schedule("sm80")
+
+
+@pytest.mark.parametrize("arch", ["sm90", "sm80"])
+def test_async_gather_is_cp_async(edited_schedule, tmp_path, arch):
+    """``gather = "async"``: every kv-outer stage copies its query rows with cp.async and waits
+    for them explicitly (the sync gather has neither)."""
+    from fsagen.cache import ensure_artifact
+    from fsagen.spec import KernelSpec
+
+    edited_schedule(arch, 'gather = "sync"', 'gather = "async"')
+    sched = load_schedule(arch)
+    for phase in ("fwd", "bwd"):
+        spec = KernelSpec("slc", phase, 4, 128, 64, 16, "bfloat16")
+        path, _ = ensure_artifact(spec, sched.plan(spec, loop_order="kv_outer"), arch, root=tmp_path)
+        meta = json.loads(open(os.path.join(path, "meta.json")).read())
+        for stage, _, _, source in _stages(meta, path):
+            if stage != "row_dot":
+                assert "cp_async_gs_conditional" in source and "cp_async_wait" in source, stage
+
+
+def test_async_gather_needs_enough_bytes_per_query():
+    from fsagen.kernels import slc
+
+    with pytest.raises(ValueError, match="gather='async'.*G \\* D \\* 2 >= 4 \\* threads"):
+        slc.kv_fwd_accum(1, 128, 128, 64, "bfloat16", 64, 128, "x2", gather="async")

@@ -23,8 +23,8 @@ Program families ("loop orders" in a schedule):
 # this table, so a schedule file with a missing knob fails with the knob's name, not deep in here.
 REQUIRED_KNOBS = {
     # chunk_rows: read by the glue's block index only (fsagen/slc_index.py query chunks)
-    ("kv_outer", "fwd"): ("rows", "tiles_per_item", "threads", "scatter", "chunk_rows", "ctas_per_sm"),
-    ("kv_outer", "bwd"): ("rows", "tiles_per_item", "bwd_threads", "scatter", "chunk_rows", "ctas_per_sm"),
+    ("kv_outer", "fwd"): ("rows", "tiles_per_item", "threads", "scatter", "chunk_rows", "ctas_per_sm", "gather"),
+    ("kv_outer", "bwd"): ("rows", "tiles_per_item", "bwd_threads", "scatter", "chunk_rows", "ctas_per_sm", "gather"),
     ("q_outer", "fwd"): ("q_threads", "num_stages", "bulk_copy", "q_keys", "q_ctas_per_sm"),
     ("q_outer", "bwd"): ("q_threads", "num_stages", "bulk_copy", "rows", "tiles_per_item", "bwd_threads"),
     ("dense", "fwd"): ("rows", "keys", "threads", "num_stages"),
@@ -83,11 +83,11 @@ def _slc_builders(spec, plan, dtype, dl):
     knob = plan.knob
     return {
         "kv_fwd_stats": lambda: slc.kv_fwd_stats(G, D, BS, dtype, knob("rows"), knob("threads"),
-                                                 knob("ctas_per_sm"), dl=dl),
+                                                 knob("ctas_per_sm"), knob("gather"), dl=dl),
         "kv_fwd_accum": lambda: slc.kv_fwd_accum(G, D, DV, BS, dtype, knob("rows"), knob("threads"),
-                                                 knob("scatter"), knob("ctas_per_sm"), dl=dl),
+                                                 knob("scatter"), knob("ctas_per_sm"), knob("gather"), dl=dl),
         "kv_bwd": lambda: slc.kv_bwd(G, D, DV, BS, dtype, knob("rows"), knob("bwd_threads"), True,
-                                     knob("scatter"), knob("ctas_per_sm"), dl=dl),
+                                     knob("scatter"), knob("ctas_per_sm"), knob("gather"), dl=dl),
         "kv_bwd_dkdv": lambda: slc.kv_bwd(G, D, DV, BS, dtype, knob("rows"), knob("bwd_threads"),
                                           False, "x2", dl=dl),
         "row_dot": lambda: slc.row_dot(DV, dtype, 128, dl),

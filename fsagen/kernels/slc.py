@@ -27,6 +27,10 @@ Query outer (NSA order), one CTA per (token, kv head), the G heads of the group 
 * ``q_fwd``: online softmax over the token's selected blocks; writes o and lse (natural log).
 * ``q_bwd_dq``: dQ by recomputing P from lse.
 
+The kv-outer programs take ``gather``: ``"sync"`` gathers each tile's query rows with loads that
+block, then computes; ``"async"`` copies the next tile's rows with ``cp.async`` (one group per
+query: its G heads are contiguous) into a second tile while the current one computes.
+
 The kv-outer programs and ``q_fwd`` take ``ctas_per_sm``: when > 0, the compiler must leave
 registers for that many resident CTAs per SM (``__launch_bounds__``' second argument; the
 accumulate pass and the backward otherwise fit 2, at 188 and 238 registers).
@@ -44,7 +48,7 @@ import tilelang.language as T
 
 from .target import SIMT, Dialect
 from .tiles import (ACCUM, LOG2E, make_gather_row_stat, make_gather_rows, make_item_rows,
-                    make_kv_grads_from_probs, make_load_kv_rows, make_mask_scores, make_online_softmax, make_probs_from_lse,
+                    make_issue_item_tile, make_kv_grads_from_probs, make_load_kv_rows, make_mask_scores, make_online_softmax, make_probs_from_lse,
                     make_scatter_add_rows)
 
 LN2 = math.log(2.0)
@@ -56,7 +60,9 @@ def _round_up(x: int, m: int) -> int:
 
 
 def kv_fwd_stats(G: int, D: int, BS: int, dtype: str, rows: int, threads: int, ctas_per_sm: int = 0,
-                 dl: Dialect = SIMT):
+                 gather: str = "sync", dl: Dialect = SIMT):
+    """``gather``: as in ``kv_fwd_accum``."""
+    _check_gather(gather, G, D, threads)
     R, Q_PER_TILE = rows, rows // G
     N, HQ, HKV, NE, NI, HC, TOPK = T.dynamic("N, HQ, HKV, NE, NI, HC, TOPK")
     io = dl.io(dtype)
@@ -64,6 +70,36 @@ def kv_fwd_stats(G: int, D: int, BS: int, dtype: str, rows: int, threads: int, c
     mask = make_mask_scores(R, BS, dl)
     item_rows = make_item_rows(R, G, dl)
     gather_q = make_gather_rows(R, D, G, dl, io)
+    issue_q = make_issue_item_tile(R, D, G, dl, io)
+
+    @T.macro
+    def stats_tile(Q_s, K_s, row_tok, row_slot, acc_s, m, l, part_lse, h, kb, h_lo, sm_scale):
+        """The per-row log-sum-exp of one tile of gathered rows against the block."""
+        T.clear(acc_s)
+        T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+        mask(acc_s, row_tok, kb, sm_scale * LOG2E)
+        T.reduce_max(acc_s, m, dim=1, clear=True)
+        for r, c in dl.par(R, BS):
+            acc_s[r, c] = T.exp2(acc_s[r, c] - m[r])
+        T.reduce_sum(acc_s, l, dim=1)
+        for r in dl.par(R):
+            if row_tok[r] >= 0:
+                part_lse[h - h_lo, row_tok[r], row_slot[r], r % G] = (m[r] + T.log2(l[r])) * LN2
+
+    @T.macro
+    def async_tile(tile, n_tiles, Q_cur, Q_next, K_s, row_tok, row_slot, acc_s, m, l, Q, ent_q, ent_k, part_lse,
+                   h, kb, e0, e1, h_lo, sm_scale):
+        """Tile ``tile`` from ``Q_cur`` while the next tile's copy into ``Q_next`` is in flight."""
+        if tile + 1 < n_tiles:
+            issue_q(Q, h, ent_q, e0, e1, tile + 1, Q_next)
+            dl.wait_async(Q_PER_TILE)
+        else:
+            dl.wait_async(0)
+        item_rows(ent_q, e0, e1, tile, row_tok)
+        item_rows(ent_k, e0, e1, tile, row_slot)
+        T.sync_threads()
+        stats_tile(Q_cur, K_s, row_tok, row_slot, acc_s, m, l, part_lse, h, kb, h_lo, sm_scale)
+        T.sync_threads()
 
     @T.prim_func
     def main(
@@ -85,6 +121,7 @@ def kv_fwd_stats(G: int, D: int, BS: int, dtype: str, rows: int, threads: int, c
             acc_s = dl.alloc_acc((R, BS), ACCUM)
             m = dl.alloc_acc((R,), ACCUM)
             l = dl.alloc_acc((R,), ACCUM)
+            Q_next = dl.alloc_tile((R, D), io.tile) if gather == "async" else None
 
             h = items[bx, 0]
             kb = items[bx, 1]
@@ -92,28 +129,43 @@ def kv_fwd_stats(G: int, D: int, BS: int, dtype: str, rows: int, threads: int, c
             e1 = items[bx, 3]
             if e1 > e0:
                 load_kv(K, h, kb, N, K_s)
-                for tile in T.serial(T.ceildiv(e1 - e0, Q_PER_TILE)):
-                    item_rows(ent_q, e0, e1, tile, row_tok)
-                    item_rows(ent_k, e0, e1, tile, row_slot)
-                    gather_q(Q, h, row_tok, Q_s)
-                    T.clear(acc_s)
-                    T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                    mask(acc_s, row_tok, kb, sm_scale * LOG2E)
-                    T.reduce_max(acc_s, m, dim=1, clear=True)
-                    for r, c in dl.par(R, BS):
-                        acc_s[r, c] = T.exp2(acc_s[r, c] - m[r])
-                    T.reduce_sum(acc_s, l, dim=1)
-                    for r in dl.par(R):
-                        if row_tok[r] >= 0:
-                            part_lse[h - h_lo, row_tok[r], row_slot[r], r % G] = (
-                                (m[r] + T.log2(l[r])) * LN2
-                            )
+                n_tiles = T.ceildiv(e1 - e0, Q_PER_TILE)
+                if gather == "async":
+                    issue_q(Q, h, ent_q, e0, e1, 0, Q_s)
+                    for tile in T.serial(n_tiles):
+                        if tile % 2 == 0:
+                            async_tile(tile, n_tiles, Q_s, Q_next, K_s, row_tok, row_slot, acc_s, m, l, Q, ent_q,
+                                       ent_k, part_lse, h, kb, e0, e1, h_lo, sm_scale)
+                        else:
+                            async_tile(tile, n_tiles, Q_next, Q_s, K_s, row_tok, row_slot, acc_s, m, l, Q, ent_q,
+                                       ent_k, part_lse, h, kb, e0, e1, h_lo, sm_scale)
+                else:
+                    for tile in T.serial(n_tiles):
+                        item_rows(ent_q, e0, e1, tile, row_tok)
+                        item_rows(ent_k, e0, e1, tile, row_slot)
+                        gather_q(Q, h, row_tok, Q_s)
+                        stats_tile(Q_s, K_s, row_tok, row_slot, acc_s, m, l, part_lse, h, kb, h_lo, sm_scale)
 
     return main
 
 
+GATHERS = ("sync", "async")
+
+
+def _check_gather(gather: str, G: int, D: int, threads: int) -> None:
+    if gather not in GATHERS:
+        raise ValueError(f"kv-outer programs: gather={gather!r} must be one of {GATHERS}")
+    if gather == "async" and G * D * 2 < 4 * threads:  # a query's G heads, split over the threads
+        raise ValueError(f"kv-outer programs: gather='async' copies a query's G={G} heads x D={D} "
+                         f"(2-byte elements) as one cp.async group over {threads} threads, which needs "
+                         f"G * D * 2 >= 4 * threads: use gather='sync' here")
+
+
 def kv_fwd_accum(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, threads: int,
-                 scatter: str, ctas_per_sm: int = 0, dl: Dialect = SIMT):
+                 scatter: str, ctas_per_sm: int = 0, gather: str = "sync", dl: Dialect = SIMT):
+    """``gather = "async"``: the next tile's query rows are copied (cp.async) while the current
+    tile computes, into a second Q tile; ``"sync"``: each tile's rows are gathered, then used."""
+    _check_gather(gather, G, D, threads)
     R, Q_PER_TILE = rows, rows // G
     N, HQ, HKV, NE, NI, HCG, NW = T.dynamic("N, HQ, HKV, NE, NI, HCG, NW")
     io = dl.io(dtype)
@@ -122,9 +174,39 @@ def kv_fwd_accum(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, thread
     probs = make_probs_from_lse(R, BS, dl)
     item_rows = make_item_rows(R, G, dl)
     gather_q = make_gather_rows(R, D, G, dl, io)
+    issue_q = make_issue_item_tile(R, D, G, dl, io)
     gather_stat = make_gather_row_stat(R, G, dl)
     scatter_o, o_stage_shape = make_scatter_add_rows(R, DV, G, scatter, dl)
     o_stage_shape = o_stage_shape or (1,)
+
+    @T.macro
+    def accum_tile(Q_s, K_s, V_s, row_tok, row_lse2, acc_s, p_cast, acc_o, o_stage, o_acc, h, kb, h_lo, q_lo,
+                   sm_scale):
+        """P @ V of one tile of gathered rows (and their lse), added into the accumulator."""
+        T.clear(acc_s)
+        T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+        probs(acc_s, row_tok, row_lse2, kb, sm_scale * LOG2E)
+        T.copy(acc_s, p_cast)
+        T.clear(acc_o)
+        T.gemm(p_cast, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
+        scatter_o(acc_o, o_acc, (h - h_lo) * G, row_tok, q_lo, o_stage)
+
+    @T.macro
+    def async_tile(tile, n_tiles, Q_cur, Q_next, K_s, V_s, row_tok, row_lse2, acc_s, p_cast, acc_o, o_stage,
+                   Q, ent_q, lse2, o_acc, h, kb, e0, e1, h_lo, q_lo, sm_scale):
+        """Tile ``tile`` from ``Q_cur`` (its copy issued one step earlier) while the next tile's
+        copy into ``Q_next`` is in flight."""
+        if tile + 1 < n_tiles:
+            issue_q(Q, h, ent_q, e0, e1, tile + 1, Q_next)
+            dl.wait_async(Q_PER_TILE)  # the next tile's groups may stay pending
+        else:
+            dl.wait_async(0)
+        item_rows(ent_q, e0, e1, tile, row_tok)
+        gather_stat(lse2, h, row_tok, row_lse2)
+        T.sync_threads()  # every thread's copies of this tile have landed
+        accum_tile(Q_cur, K_s, V_s, row_tok, row_lse2, acc_s, p_cast, acc_o, o_stage, o_acc, h, kb, h_lo, q_lo,
+                   sm_scale)
+        T.sync_threads()  # Q_cur is free before the next step refills it
 
     @T.prim_func
     def main(
@@ -151,6 +233,7 @@ def kv_fwd_accum(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, thread
             p_cast = dl.alloc_acc((R, BS), io.tile)
             acc_o = dl.alloc_acc((R, DV), ACCUM)
             o_stage = dl.alloc_tile(o_stage_shape, ACCUM)
+            Q_next = dl.alloc_tile((R, D), io.tile) if gather == "async" else None
 
             h = items[bx, 0]
             kb = items[bx, 1]
@@ -159,23 +242,32 @@ def kv_fwd_accum(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, thread
             if e1 > e0 and ent_q[e0] >= q_lo and ent_q[e0] < q_hi:
                 load_k(K, h, kb, N, K_s)
                 load_v(V, h, kb, N, V_s)
-                for tile in T.serial(T.ceildiv(e1 - e0, Q_PER_TILE)):
-                    item_rows(ent_q, e0, e1, tile, row_tok)
-                    gather_stat(lse2, h, row_tok, row_lse2)
-                    gather_q(Q, h, row_tok, Q_s)
-                    T.clear(acc_s)
-                    T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                    probs(acc_s, row_tok, row_lse2, kb, sm_scale * LOG2E)
-                    T.copy(acc_s, p_cast)
-                    T.clear(acc_o)
-                    T.gemm(p_cast, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
-                    scatter_o(acc_o, o_acc, (h - h_lo) * G, row_tok, q_lo, o_stage)
+                n_tiles = T.ceildiv(e1 - e0, Q_PER_TILE)
+                if gather == "async":
+                    issue_q(Q, h, ent_q, e0, e1, 0, Q_s)
+                    for tile in T.serial(n_tiles):
+                        if tile % 2 == 0:
+                            async_tile(tile, n_tiles, Q_s, Q_next, K_s, V_s, row_tok, row_lse2, acc_s, p_cast,
+                                       acc_o, o_stage, Q, ent_q, lse2, o_acc, h, kb, e0, e1, h_lo, q_lo, sm_scale)
+                        else:
+                            async_tile(tile, n_tiles, Q_next, Q_s, K_s, V_s, row_tok, row_lse2, acc_s, p_cast,
+                                       acc_o, o_stage, Q, ent_q, lse2, o_acc, h, kb, e0, e1, h_lo, q_lo, sm_scale)
+                else:
+                    for tile in T.serial(n_tiles):
+                        item_rows(ent_q, e0, e1, tile, row_tok)
+                        gather_stat(lse2, h, row_tok, row_lse2)
+                        gather_q(Q, h, row_tok, Q_s)
+                        accum_tile(Q_s, K_s, V_s, row_tok, row_lse2, acc_s, p_cast, acc_o, o_stage, o_acc, h, kb,
+                                   h_lo, q_lo, sm_scale)
 
     return main
 
 
 def kv_bwd(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, threads: int,
-           with_dq: bool, scatter: str, ctas_per_sm: int = 0, dl: Dialect = SIMT):
+           with_dq: bool, scatter: str, ctas_per_sm: int = 0, gather: str = "sync", dl: Dialect = SIMT):
+    """``gather = "async"``: the next tile's Q and dO rows are copied (cp.async) while the current
+    tile computes, into second Q and dO tiles; ``"sync"``: each tile's rows are gathered, then used."""
+    _check_gather(gather, G, D, threads)
     R, Q_PER_TILE = rows, rows // G
     N, HQ, HKV, NE, NI, HCG, NDQ = T.dynamic("N, HQ, HKV, NE, NI, HCG, NDQ")
     io = dl.io(dtype)
@@ -186,9 +278,44 @@ def kv_bwd(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, threads: int
     item_rows = make_item_rows(R, G, dl)
     gather_q = make_gather_rows(R, D, G, dl, io)
     gather_do = make_gather_rows(R, DV, G, dl, io)
+    issue_q = make_issue_item_tile(R, D, G, dl, io)
+    issue_do = make_issue_item_tile(R, DV, G, dl, io)
     gather_stat = make_gather_row_stat(R, G, dl)
     scatter_dq, dq_stage_shape = make_scatter_add_rows(R, D, G, scatter, dl)
     dq_stage_shape = dq_stage_shape if with_dq and dq_stage_shape else (1,)
+
+    @T.macro
+    def grads_tile(Q_s, dO_s, K_s, V_s, P_s, dS_s, row_tok, row_lse2, row_delta, acc_s, acc_dp, acc_dk, acc_dv,
+                   acc_dq, dq_stage, dq_acc, h, kb, h_lo, q_lo, sm_scale):
+        """One tile of gathered rows (and their statistics): dK, dV into the registers, dQ added."""
+        T.clear(acc_s)
+        T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+        probs(acc_s, row_tok, row_lse2, kb, sm_scale * LOG2E)
+        kv_grads(Q_s, V_s, dO_s, P_s, dS_s, row_delta, acc_s, acc_dp, acc_dk, acc_dv, sm_scale)
+        if with_dq:
+            T.clear(acc_dq)
+            T.gemm(dS_s, K_s, acc_dq, policy=T.GemmWarpPolicy.FullRow)
+            scatter_dq(acc_dq, dq_acc, (h - h_lo) * G, row_tok, q_lo, dq_stage)
+
+    @T.macro
+    def async_tile(tile, n_tiles, Q_cur, dO_cur, Q_next, dO_next, K_s, V_s, P_s, dS_s, row_tok, row_lse2,
+                   row_delta, acc_s, acc_dp, acc_dk, acc_dv, acc_dq, dq_stage, Q, dO, ent_q, lse2, delta, dq_acc,
+                   h, kb, e0, e1, h_lo, q_lo, sm_scale):
+        """Tile ``tile`` from ``Q_cur`` / ``dO_cur`` (their copies issued one step earlier) while
+        the next tile's copies are in flight."""
+        if tile + 1 < n_tiles:
+            issue_q(Q, h, ent_q, e0, e1, tile + 1, Q_next)
+            issue_do(dO, h, ent_q, e0, e1, tile + 1, dO_next)
+            dl.wait_async(2 * Q_PER_TILE)  # the next tile's groups may stay pending
+        else:
+            dl.wait_async(0)
+        item_rows(ent_q, e0, e1, tile, row_tok)
+        gather_stat(lse2, h, row_tok, row_lse2)
+        gather_stat(delta, h, row_tok, row_delta)
+        T.sync_threads()  # every thread's copies of this tile have landed
+        grads_tile(Q_cur, dO_cur, K_s, V_s, P_s, dS_s, row_tok, row_lse2, row_delta, acc_s, acc_dp, acc_dk,
+                   acc_dv, acc_dq, dq_stage, dq_acc, h, kb, h_lo, q_lo, sm_scale)
+        T.sync_threads()  # Q_cur and dO_cur are free before the next step refills them
 
     @T.prim_func
     def main(
@@ -225,6 +352,8 @@ def kv_bwd(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, threads: int
             acc_dv = dl.alloc_acc((BS, DV), ACCUM)
             acc_dq = dl.alloc_acc((R, D), ACCUM)
             dq_stage = dl.alloc_tile(dq_stage_shape, ACCUM)
+            Q_next = dl.alloc_tile((R, D), io.tile) if gather == "async" else None
+            dO_next = dl.alloc_tile((R, DV), io.tile) if gather == "async" else None
 
             h = items[bx, 0]
             kb = items[bx, 1]
@@ -235,20 +364,28 @@ def kv_bwd(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, threads: int
                 load_v(V, h, kb, N, V_s)
                 T.clear(acc_dk)
                 T.clear(acc_dv)
-                for tile in T.serial(T.ceildiv(e1 - e0, Q_PER_TILE)):
-                    item_rows(ent_q, e0, e1, tile, row_tok)
-                    gather_stat(lse2, h, row_tok, row_lse2)
-                    gather_stat(delta, h, row_tok, row_delta)
-                    gather_q(Q, h, row_tok, Q_s)
-                    gather_do(dO, h, row_tok, dO_s)
-                    T.clear(acc_s)
-                    T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                    probs(acc_s, row_tok, row_lse2, kb, sm_scale * LOG2E)
-                    kv_grads(Q_s, V_s, dO_s, P_s, dS_s, row_delta, acc_s, acc_dp, acc_dk, acc_dv, sm_scale)
-                    if with_dq:
-                        T.clear(acc_dq)
-                        T.gemm(dS_s, K_s, acc_dq, policy=T.GemmWarpPolicy.FullRow)
-                        scatter_dq(acc_dq, dq_acc, (h - h_lo) * G, row_tok, q_lo, dq_stage)
+                n_tiles = T.ceildiv(e1 - e0, Q_PER_TILE)
+                if gather == "async":
+                    issue_q(Q, h, ent_q, e0, e1, 0, Q_s)
+                    issue_do(dO, h, ent_q, e0, e1, 0, dO_s)
+                    for tile in T.serial(n_tiles):
+                        if tile % 2 == 0:
+                            async_tile(tile, n_tiles, Q_s, dO_s, Q_next, dO_next, K_s, V_s, P_s, dS_s, row_tok,
+                                       row_lse2, row_delta, acc_s, acc_dp, acc_dk, acc_dv, acc_dq, dq_stage, Q, dO,
+                                       ent_q, lse2, delta, dq_acc, h, kb, e0, e1, h_lo, q_lo, sm_scale)
+                        else:
+                            async_tile(tile, n_tiles, Q_next, dO_next, Q_s, dO_s, K_s, V_s, P_s, dS_s, row_tok,
+                                       row_lse2, row_delta, acc_s, acc_dp, acc_dk, acc_dv, acc_dq, dq_stage, Q, dO,
+                                       ent_q, lse2, delta, dq_acc, h, kb, e0, e1, h_lo, q_lo, sm_scale)
+                else:
+                    for tile in T.serial(n_tiles):
+                        item_rows(ent_q, e0, e1, tile, row_tok)
+                        gather_stat(lse2, h, row_tok, row_lse2)
+                        gather_stat(delta, h, row_tok, row_delta)
+                        gather_q(Q, h, row_tok, Q_s)
+                        gather_do(dO, h, row_tok, dO_s)
+                        grads_tile(Q_s, dO_s, K_s, V_s, P_s, dS_s, row_tok, row_lse2, row_delta, acc_s, acc_dp,
+                                   acc_dk, acc_dv, acc_dq, dq_stage, dq_acc, h, kb, h_lo, q_lo, sm_scale)
                 for i, d in dl.par(BS, D):
                     if kb + i < N:
                         T.atomic_add(dk_acc[kb + i, h, d], acc_dk[i, d])

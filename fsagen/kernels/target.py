@@ -206,6 +206,11 @@ class Dialect:
 
         return copy_span
 
+    def wait_async(self, pending: int):
+        """Wait until at most ``pending`` groups of this thread's asynchronous copies
+        (``make_issue_item_tile``) are still in flight; the CPU's copies are synchronous."""
+        return T.ptx_wait_group(pending) if self.simt else None
+
     def pass_configs(self) -> dict:
         """TileLang pass configs every program of this dialect compiles with."""
         # The CPU code generator emits vector casts it cannot compile (half4 -> float4).

@@ -99,6 +99,39 @@ def make_gather_rows(rows: int, dim: int, group: int, dl: Dialect, io: IO):
     return gather_rows
 
 
+def make_issue_item_tile(rows: int, dim: int, group: int, dl: Dialect, io: IO):
+    """``issue(src, kv_head, ent_q, e0, e1, tile, dst)``: start filling ``dst`` with tile ``tile``
+    of a work item's rows (laid out as ``make_gather_rows`` with ``make_item_rows``' tokens)
+    without waiting for it. On a GPU, one ``cp.async`` group per query of the tile (its ``group``
+    heads are one contiguous run of ``group * dim`` elements); rows past the item's end are zero
+    (the copy's bounds predicate). Wait with ``Dialect.wait_async``: a tile is ``rows // group``
+    groups. On the CPU the copy is synchronous. Needs ``group * dim * 2`` bytes >= 4 per thread
+    (``group`` >= 2 at 128 threads and ``dim`` 128): the caller checks."""
+    per_tile = rows // group
+
+    def token(ent_q, e0, e1, tile, t):
+        e = e0 + tile * per_tile + t
+        return T.if_then_else(e < e1, ent_q[T.min(e, e1 - 1)], -1)
+
+    if dl.simt:
+
+        @T.macro
+        def issue(src, kv_head, ent_q, e0, e1, tile, dst):
+            for t in T.serial(per_tile):
+                tok = token(ent_q, e0, e1, tile, t)
+                T.async_copy(src[tok, kv_head * group:(kv_head + 1) * group, :], dst[t * group:(t + 1) * group, :])
+
+        return issue
+
+    @T.macro
+    def issue(src, kv_head, ent_q, e0, e1, tile, dst):
+        for r, d in dl.par(rows, dim):
+            tok = token(ent_q, e0, e1, tile, r // group)
+            dst[r, d] = T.if_then_else(tok >= 0, io.load(src[T.max(tok, 0), kv_head * group + r % group, d]), 0)
+
+    return issue
+
+
 def make_gather_row_stat(rows: int, group: int, dl: Dialect):
     """Per-row statistic (lse2, delta) of a row tile, laid out like ``make_gather_rows``."""
 

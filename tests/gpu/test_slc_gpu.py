@@ -116,6 +116,22 @@ def test_kv_outer_query_chunks(G, windows, edited_schedule, monkeypatch):
                     bs, "kv_outer", gen)
 
 
+@pytest.mark.parametrize("bs,topk", [(64, 16), (128, 8)])
+@pytest.mark.parametrize("G,D", [(2, 128), (4, 64), (4, 128), (16, 64), (16, 128)])  # G * D * 2 >= 4 * 128
+def test_kv_outer_async_gather(G, D, bs, topk, edited_schedule):
+    """kv_outer with ``gather = "async"`` (cp.async of the next tile's rows while the current tile
+    computes; bench/variants/kv_outer_occupancy.toml): forward and backward equal the reference.
+    The backward runs 128 threads here, as the async copy needs G * D * 2 >= 4 * threads."""
+    edited_schedule("sm90", 'gather = "sync"', 'gather = "async"')
+    edited_schedule("sm90", 'knobs = { bwd_threads = 256 }', 'knobs = { bwd_threads = 128 }')
+    gen = _gen()
+    hkv, n = 2, 2048
+    cu = random_cu_seqlens(n, 3, block_size=bs, generator=gen, device="cuda")
+    idx = random_topk_idx(cu, hkv, topk, bs, generator=gen)
+    q, k, v = _qkv(n, G * hkv, hkv, D, torch.bfloat16, gen)
+    run_and_compare(f"kv_outer async gather G={G} D={D} bs={bs} topk={topk}", q, k, v, idx, cu, bs, "kv_outer", gen)
+
+
 def _holes(idx, gen):
     """-1 at random places inside rows (not only trailing padding); remaining entries stay valid."""
     drop = torch.rand(idx.shape, device=idx.device, generator=gen) < 0.3
