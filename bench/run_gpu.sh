@@ -76,9 +76,9 @@ for part in "$@"; do
              --jobs 16 --out "$log" ;;
     sweep_q) run_part sweep_q 400 python3 bench/sweep.py bench/variants/q_outer_occupancy.toml --groups 8 16 \
              --jobs 16 --out "$log" ;;
-    sweep_kv) run_part sweep_kv 400 python3 bench/sweep.py bench/variants/kv_outer_occupancy.toml --groups 4 8 16 \
+    sweep_kv) run_part sweep_kv 560 python3 bench/sweep.py bench/variants/kv_outer_occupancy.toml --groups 1 4 8 16 \
              --jobs 16 --out "$log" ;;
-    sweep_kvbwd) run_part sweep_kvbwd 400 python3 bench/sweep.py bench/variants/kv_bwd.toml --groups 8 16 \
+    sweep_kvbwd) run_part sweep_kvbwd 560 python3 bench/sweep.py bench/variants/kv_bwd.toml --groups 1 4 8 16 \
              --jobs 16 --out "$log" ;;
     *) echo "unknown part $part (build smoke bench llama ddp1 ddp2 newtests sweep_dense sweep_q sweep_kv sweep_kvbwd)" \
          | tee -a "$log/summary.txt" ;;

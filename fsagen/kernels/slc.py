@@ -28,8 +28,8 @@ Query outer (NSA order), one CTA per (token, kv head), the G heads of the group 
 * ``q_bwd_dq``: dQ by recomputing P from lse.
 
 The kv-outer programs take ``gather``: ``"sync"`` gathers each tile's query rows with loads that
-block, then computes; ``"async"`` copies the next tile's rows with ``cp.async`` (one group per
-query: its G heads are contiguous) into a second tile while the current one computes.
+block, then computes; ``"async"`` copies the next tile's rows with ``cp.async`` (16 bytes a thread
+and chunk, one group a tile) into a second tile while the current one computes.
 
 The kv-outer programs and ``q_fwd`` take ``ctas_per_sm``: when > 0, the compiler must leave
 registers for that many resident CTAs per SM (``__launch_bounds__``' second argument; the
@@ -59,10 +59,18 @@ def _round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
 
+GATHERS = ("sync", "async")
+
+
+def _check_gather(gather: str) -> None:
+    if gather not in GATHERS:
+        raise ValueError(f"kv-outer programs: gather={gather!r} must be one of {GATHERS}")
+
+
 def kv_fwd_stats(G: int, D: int, BS: int, dtype: str, rows: int, threads: int, ctas_per_sm: int = 0,
                  gather: str = "sync", dl: Dialect = SIMT):
     """``gather``: as in ``kv_fwd_accum``."""
-    _check_gather(gather, G, D, threads)
+    _check_gather(gather)
     R, Q_PER_TILE = rows, rows // G
     N, HQ, HKV, NE, NI, HC, TOPK = T.dynamic("N, HQ, HKV, NE, NI, HC, TOPK")
     io = dl.io(dtype)
@@ -92,7 +100,8 @@ def kv_fwd_stats(G: int, D: int, BS: int, dtype: str, rows: int, threads: int, c
         """Tile ``tile`` from ``Q_cur`` while the next tile's copy into ``Q_next`` is in flight."""
         if tile + 1 < n_tiles:
             issue_q(Q, h, ent_q, e0, e1, tile + 1, Q_next)
-            dl.wait_async(Q_PER_TILE)
+            dl.commit_async()
+            dl.wait_async(1)
         else:
             dl.wait_async(0)
         item_rows(ent_q, e0, e1, tile, row_tok)
@@ -132,6 +141,7 @@ def kv_fwd_stats(G: int, D: int, BS: int, dtype: str, rows: int, threads: int, c
                 n_tiles = T.ceildiv(e1 - e0, Q_PER_TILE)
                 if gather == "async":
                     issue_q(Q, h, ent_q, e0, e1, 0, Q_s)
+                    dl.commit_async()
                     for tile in T.serial(n_tiles):
                         if tile % 2 == 0:
                             async_tile(tile, n_tiles, Q_s, Q_next, K_s, row_tok, row_slot, acc_s, m, l, Q, ent_q,
@@ -149,23 +159,11 @@ def kv_fwd_stats(G: int, D: int, BS: int, dtype: str, rows: int, threads: int, c
     return main
 
 
-GATHERS = ("sync", "async")
-
-
-def _check_gather(gather: str, G: int, D: int, threads: int) -> None:
-    if gather not in GATHERS:
-        raise ValueError(f"kv-outer programs: gather={gather!r} must be one of {GATHERS}")
-    if gather == "async" and G * D * 2 < 4 * threads:  # a query's G heads, split over the threads
-        raise ValueError(f"kv-outer programs: gather='async' copies a query's G={G} heads x D={D} "
-                         f"(2-byte elements) as one cp.async group over {threads} threads, which needs "
-                         f"G * D * 2 >= 4 * threads: use gather='sync' here")
-
-
 def kv_fwd_accum(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, threads: int,
                  scatter: str, ctas_per_sm: int = 0, gather: str = "sync", dl: Dialect = SIMT):
     """``gather = "async"``: the next tile's query rows are copied (cp.async) while the current
     tile computes, into a second Q tile; ``"sync"``: each tile's rows are gathered, then used."""
-    _check_gather(gather, G, D, threads)
+    _check_gather(gather)
     R, Q_PER_TILE = rows, rows // G
     N, HQ, HKV, NE, NI, HCG, NW = T.dynamic("N, HQ, HKV, NE, NI, HCG, NW")
     io = dl.io(dtype)
@@ -198,7 +196,8 @@ def kv_fwd_accum(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, thread
         copy into ``Q_next`` is in flight."""
         if tile + 1 < n_tiles:
             issue_q(Q, h, ent_q, e0, e1, tile + 1, Q_next)
-            dl.wait_async(Q_PER_TILE)  # the next tile's groups may stay pending
+            dl.commit_async()
+            dl.wait_async(1)  # the next tile's group may stay in flight
         else:
             dl.wait_async(0)
         item_rows(ent_q, e0, e1, tile, row_tok)
@@ -245,6 +244,7 @@ def kv_fwd_accum(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, thread
                 n_tiles = T.ceildiv(e1 - e0, Q_PER_TILE)
                 if gather == "async":
                     issue_q(Q, h, ent_q, e0, e1, 0, Q_s)
+                    dl.commit_async()
                     for tile in T.serial(n_tiles):
                         if tile % 2 == 0:
                             async_tile(tile, n_tiles, Q_s, Q_next, K_s, V_s, row_tok, row_lse2, acc_s, p_cast,
@@ -267,7 +267,7 @@ def kv_bwd(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, threads: int
            with_dq: bool, scatter: str, ctas_per_sm: int = 0, gather: str = "sync", dl: Dialect = SIMT):
     """``gather = "async"``: the next tile's Q and dO rows are copied (cp.async) while the current
     tile computes, into second Q and dO tiles; ``"sync"``: each tile's rows are gathered, then used."""
-    _check_gather(gather, G, D, threads)
+    _check_gather(gather)
     R, Q_PER_TILE = rows, rows // G
     N, HQ, HKV, NE, NI, HCG, NDQ = T.dynamic("N, HQ, HKV, NE, NI, HCG, NDQ")
     io = dl.io(dtype)
@@ -306,7 +306,8 @@ def kv_bwd(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, threads: int
         if tile + 1 < n_tiles:
             issue_q(Q, h, ent_q, e0, e1, tile + 1, Q_next)
             issue_do(dO, h, ent_q, e0, e1, tile + 1, dO_next)
-            dl.wait_async(2 * Q_PER_TILE)  # the next tile's groups may stay pending
+            dl.commit_async()
+            dl.wait_async(1)  # the next tile's group may stay in flight
         else:
             dl.wait_async(0)
         item_rows(ent_q, e0, e1, tile, row_tok)
@@ -368,6 +369,7 @@ def kv_bwd(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, threads: int
                 if gather == "async":
                     issue_q(Q, h, ent_q, e0, e1, 0, Q_s)
                     issue_do(dO, h, ent_q, e0, e1, 0, dO_s)
+                    dl.commit_async()
                     for tile in T.serial(n_tiles):
                         if tile % 2 == 0:
                             async_tile(tile, n_tiles, Q_s, dO_s, Q_next, dO_next, K_s, V_s, P_s, dS_s, row_tok,

@@ -206,9 +206,14 @@ class Dialect:
 
         return copy_span
 
+    def commit_async(self):
+        """Close this thread's asynchronous copies issued so far (``tiles.make_issue_item_tile``)
+        into one group; nothing on the CPU, whose copies are synchronous."""
+        return T.ptx_commit_group() if self.simt else None
+
     def wait_async(self, pending: int):
-        """Wait until at most ``pending`` groups of this thread's asynchronous copies
-        (``make_issue_item_tile``) are still in flight; the CPU's copies are synchronous."""
+        """Wait until at most ``pending`` of this thread's groups of asynchronous copies are still
+        in flight (then a barrier makes every thread's copies visible); nothing on the CPU."""
         return T.ptx_wait_group(pending) if self.simt else None
 
     def pass_configs(self) -> dict:

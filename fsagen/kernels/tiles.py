@@ -99,34 +99,41 @@ def make_gather_rows(rows: int, dim: int, group: int, dl: Dialect, io: IO):
     return gather_rows
 
 
+ASYNC_BYTES = 16  # one cp.async copies 16 bytes
+
+
 def make_issue_item_tile(rows: int, dim: int, group: int, dl: Dialect, io: IO):
     """``issue(src, kv_head, ent_q, e0, e1, tile, dst)``: start filling ``dst`` with tile ``tile``
     of a work item's rows (laid out as ``make_gather_rows`` with ``make_item_rows``' tokens)
-    without waiting for it. On a GPU, one ``cp.async`` group per query of the tile (its ``group``
-    heads are one contiguous run of ``group * dim`` elements); rows past the item's end are zero
-    (the copy's bounds predicate). Wait with ``Dialect.wait_async``: a tile is ``rows // group``
-    groups. On the CPU the copy is synchronous. Needs ``group * dim * 2`` bytes >= 4 per thread
-    (``group`` >= 2 at 128 threads and ``dim`` 128): the caller checks."""
+    without waiting for it: on a GPU one 16-byte ``cp.async`` per thread and chunk, zero-filling
+    rows past the item's end. The caller commits the copies as one group
+    (``Dialect.commit_async``) and waits for it (``Dialect.wait_async``). On the CPU the copy is
+    synchronous. ``dim`` elements of 2 bytes must be whole 16-byte chunks."""
     per_tile = rows // group
+    vec = ASYNC_BYTES // 2
+    if dim % vec:
+        raise ValueError(f"async row copy: dim={dim} must be a multiple of {vec} (16-byte chunks)")
 
-    def token(ent_q, e0, e1, tile, t):
-        e = e0 + tile * per_tile + t
+    def token(ent_q, e0, e1, tile, r):
+        e = e0 + tile * per_tile + r // group
         return T.if_then_else(e < e1, ent_q[T.min(e, e1 - 1)], -1)
 
     if dl.simt:
 
         @T.macro
         def issue(src, kv_head, ent_q, e0, e1, tile, dst):
-            for t in T.serial(per_tile):
-                tok = token(ent_q, e0, e1, tile, t)
-                T.async_copy(src[tok, kv_head * group:(kv_head + 1) * group, :], dst[t * group:(t + 1) * group, :])
+            for r, c in T.Parallel(rows, dim // vec):
+                tok = token(ent_q, e0, e1, tile, r)
+                T.ptx_cp_async(T.access_ptr(dst[r, c * vec], "w", vec),
+                               T.access_ptr(src[T.max(tok, 0), kv_head * group + r % group, c * vec], "r", vec),
+                               vec, tok >= 0)
 
         return issue
 
     @T.macro
     def issue(src, kv_head, ent_q, e0, e1, tile, dst):
         for r, d in dl.par(rows, dim):
-            tok = token(ent_q, e0, e1, tile, r // group)
+            tok = token(ent_q, e0, e1, tile, r)
             dst[r, d] = T.if_then_else(tok >= 0, io.load(src[T.max(tok, 0), kv_head * group + r % group, d]), 0)
 
     return issue

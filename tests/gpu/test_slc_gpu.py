@@ -117,13 +117,12 @@ def test_kv_outer_query_chunks(G, windows, edited_schedule, monkeypatch):
 
 
 @pytest.mark.parametrize("bs,topk", [(64, 16), (128, 8)])
-@pytest.mark.parametrize("G,D", [(2, 128), (4, 64), (4, 128), (16, 64), (16, 128)])  # G * D * 2 >= 4 * 128
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("G", [1, 2, 4, 16])
 def test_kv_outer_async_gather(G, D, bs, topk, edited_schedule):
     """kv_outer with ``gather = "async"`` (cp.async of the next tile's rows while the current tile
-    computes; bench/variants/kv_outer_occupancy.toml): forward and backward equal the reference.
-    The backward runs 128 threads here, as the async copy needs G * D * 2 >= 4 * threads."""
+    computes; bench/variants/kv_outer_occupancy.toml): forward and backward equal the reference."""
     edited_schedule("sm90", 'gather = "sync"', 'gather = "async"')
-    edited_schedule("sm90", 'knobs = { bwd_threads = 256 }', 'knobs = { bwd_threads = 128 }')
     gen = _gen()
     hkv, n = 2, 2048
     cu = random_cu_seqlens(n, 3, block_size=bs, generator=gen, device="cuda")
