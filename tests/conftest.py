@@ -3,7 +3,23 @@
 Registers the ``gpu`` marker: tests marked ``@pytest.mark.gpu`` need a CUDA device and are skipped
 automatically where ``torch.cuda.is_available()`` is False (the CPU CI machine).
 """
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative: str):
+    """A repository script (``bench/sweep.py``, ...) imported as a module named by its stem."""
+    path = REPO / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def pytest_configure(config):

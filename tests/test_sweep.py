@@ -1,25 +1,18 @@
 """bench/sweep.py without a GPU: variant files and the schedule each variant becomes."""
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import REPO as ROOT
+from conftest import load_script
 
 from fsagen import schedule
 from fsagen.paths import schedules_dir
 from fsagen.spec import KernelSpec
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def sweep():
-    spec = importlib.util.spec_from_file_location("sweep", ROOT / "bench" / "sweep.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["sweep"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench/sweep.py")
 
 
 def test_shipped_variant_files_parse(sweep):

@@ -228,14 +228,25 @@ HEAD_ROWS = {
 }
 
 
+HEAD_ROWS_GS = (1, 4, 16)
+
+
+def head_rows_edits(variant: str) -> list[tuple[str, str]]:
+    """The sm90 schedule edits (old, new) of a HEAD_ROWS variant: a rule put first for its
+    branch's backward (bench/prebuild_gpu_tests.py compiles the same plans ahead)."""
+    branch, knobs = HEAD_ROWS[variant]
+    return [("[[rules]]", f'[[rules]]\nwhen = {{ branch = "{branch}", phase = "bwd" }}\n'
+                          f'loop_order = "dense"\nknobs = {{ dkdv_rows = "head", {knobs} }}\n\n[[rules]]')]
+
+
 @pytest.mark.parametrize("layout", ["random", "edges"])
 @pytest.mark.parametrize("D", DS)
-@pytest.mark.parametrize("G", (1, 4, 16))
+@pytest.mark.parametrize("G", HEAD_ROWS_GS)
 @pytest.mark.parametrize("variant", sorted(HEAD_ROWS))
 def test_dense_backward_by_head_rows(variant, G, D, layout, edited_schedule):
-    branch, knobs = HEAD_ROWS[variant]
-    edited_schedule("sm90", "[[rules]]", f'[[rules]]\nwhen = {{ branch = "{branch}", phase = "bwd" }}\n'
-                    f'loop_order = "dense"\nknobs = {{ dkdv_rows = "head", {knobs} }}\n\n[[rules]]')
+    branch, _ = HEAD_ROWS[variant]
+    for old, new in head_rows_edits(variant):
+        edited_schedule("sm90", old, new)
     if branch == "swa":
         _check_swa(G, D, 512, torch.bfloat16, layout, f"dkdv-head-{variant}")
     else:
