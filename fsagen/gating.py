@@ -30,7 +30,7 @@ def gate_sum(o_cmp: Tensor, o_slc: Tensor, o_swa: Tensor, gates: Tensor) -> Tens
 
     o_cmp, o_slc, o_swa: ``[N, Hq, D]``, one floating dtype, on one device. gates: ``[N, Hq, 3]``
     (per token and head) or ``[N, 3]`` (per token), floating, same device, branches in the order
-    cmp, slc, swa. Differentiable with respect to all four.
+    cmp, slc, swa. Differentiable with respect to all four. Non-contiguous inputs are copied.
     """
     _check(o_cmp, o_slc, o_swa, gates)
     if _kernel_runs(o_cmp, gates):
