@@ -12,6 +12,8 @@
 #   llama   examples/llama_nsa.py                   -> LOGDIR/llama_nsa.md
 #   ddp1    examples/ddp_train.py, world size 1     -> LOGDIR/ddp_world1.md
 #   ddp2    torchrun --nproc_per_node 2 examples/ddp_train.py (needs 2 GPUs) -> LOGDIR/ddp_world2.md
+#   recall_nsa / recall_dense  examples/train_recall.py, easier setting, 4000 steps, with the NSA layer
+#           and with its dense-attention control -> LOGDIR/recall_*/loss.{csv,png}
 #   prebuild  bench/prebuild_gpu_tests.py: compile newtests' artifacts on 16 cores (run it first)
 #   newtests  the GPU tests of the knobs and kernels not yet run on a GPU: gated sum, dense dK/dV by
 #           head rows, kv-outer query chunks in several accumulator windows, kv-outer async gather
@@ -28,7 +30,7 @@
 #   bash bench/run_gpu.sh $OUT build ddp2                  (nvidia-h200-x2)
 set -uo pipefail
 if [ $# -lt 2 ]; then
-  sed -n '2,28p' "$0"; exit 2
+  sed -n '2,30p' "$0"; exit 2
 fi
 log=$1; shift
 mkdir -p "$log"; log=$(cd "$log" && pwd)
@@ -71,6 +73,9 @@ for part in "$@"; do
     ddp2)  run_part ddp2 500 python3 -m torch.distributed.run --standalone --nproc_per_node 2 examples/ddp_train.py \
              --out "$log/ddp_world2.md" ;;
     prebuild) run_part prebuild 500 python3 bench/prebuild_gpu_tests.py --jobs 16 ;;
+    recall_nsa|recall_dense)  # the easier recall setting (bench/results/train_recall.md), NSA and its dense control
+           run_part "$part" 560 python3 examples/train_recall.py --attention "${part#recall_}" --pairs 16 --queries 16 \
+             --keys 64 --values 64 --lr 3e-3 --steps 4000 --log-every 200 --out "$log/$part" ;;
     newtests) run_part newtests 500 python3 -m pytest -q -m gpu tests/gpu/test_gate_gpu.py \
              "tests/gpu/test_dense_gpu.py::test_dense_backward_by_head_rows" \
              "tests/gpu/test_slc_gpu.py::test_kv_outer_query_chunks" "tests/gpu/test_slc_gpu.py::test_kv_outer_async_gather" ;;
@@ -82,7 +87,8 @@ for part in "$@"; do
              --jobs 16 --out "$log" ;;
     sweep_kvbwd) run_part sweep_kvbwd 560 python3 bench/sweep.py bench/variants/kv_bwd.toml --groups 1 4 8 16 \
              --jobs 16 --out "$log" ;;
-    *) echo "unknown part $part (build smoke bench llama ddp1 ddp2 prebuild newtests sweep_dense sweep_q sweep_kv sweep_kvbwd)" \
+    *) echo "unknown part $part (build smoke bench llama ddp1 ddp2 recall_nsa recall_dense prebuild newtests sweep_dense" \
+         "sweep_q sweep_kv sweep_kvbwd)" \
          | tee -a "$log/summary.txt" ;;
   esac
 done

@@ -13,6 +13,10 @@ a final RMSNorm and a linear LM head.  Parameters are float32; the step runs und
 (the NSA kernels run in bf16).  A batch is ``--batch`` sequences packed into one varlen batch
 (``cu_seqlens``).
 
+``--attention dense`` swaps the NSA layer for plain causal attention (same projections, rotary, torch
+SDPA) as a control: if the dense model learns the task with the same data and optimiser and the
+NSA model does not, the difference is the layer's, not the task's.
+
 Prints the loss and accuracy every ``--log-every`` steps and writes ``loss.csv`` and (when
 matplotlib is importable) ``loss.png`` to ``--out``.
 
@@ -39,6 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsagen import NativeSparseAttention
+from fsagen.nn import rotary
+from fsagen.slc_index import token_positions
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stride", type=int, default=16)
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--compression", default="mean", choices=["mean", "weighted", "linear"])
+    p.add_argument("--attention", default="nsa", choices=["nsa", "dense"],
+                   help="dense: causal SDPA attention in place of the NSA layer (a control run)")
     p.add_argument("--pairs", type=int, default=128, help="key-value pairs at the start of a sequence")
     p.add_argument("--queries", type=int, default=128, help="queries at the end (keys of the pairs)")
     p.add_argument("--keys", type=int, default=512, help="key vocabulary size")
@@ -81,15 +89,45 @@ def parse_args(argv=None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- model
 
 
+class DenseCausalAttention(nn.Module):
+    """The control of ``--attention dense``: GQA causal attention per packed sequence, with the
+    NSA layer's projections and rotary embedding, through torch's SDPA."""
+
+    def __init__(self, args, device=None):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = args.heads, args.kv_heads, args.head_dim
+        h, d = args.hidden, args.head_dim
+        self.q_proj = nn.Linear(h, args.heads * d, bias=False, device=device)
+        self.kv_proj = nn.Linear(h, 2 * args.kv_heads * d, bias=False, device=device)
+        self.o_proj = nn.Linear(args.heads * d, h, bias=False, device=device)
+
+    def forward(self, x, cu_seqlens):
+        n, d = x.shape[0], self.head_dim
+        pos, _ = token_positions(cu_seqlens, n)
+        q = rotary(self.q_proj(x).view(n, self.heads, d), pos, 10000.0)
+        k, v = self.kv_proj(x).view(n, 2, self.kv_heads, d).unbind(1)
+        k = rotary(k, pos, 10000.0)
+        out = torch.empty_like(q)
+        for s in range(cu_seqlens.numel() - 1):
+            a, b = int(cu_seqlens[s]), int(cu_seqlens[s + 1])
+            o = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
+                                               is_causal=True, enable_gqa=True)
+            out[a:b] = o.transpose(0, 1)
+        return self.o_proj(out.reshape(n, -1))
+
+
 class Block(nn.Module):
     def __init__(self, args, device=None):
         super().__init__()
         h = args.hidden
         self.attn_norm = nn.RMSNorm(h, device=device)
-        self.attn = NativeSparseAttention(
-            hidden_size=h, num_q_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.head_dim,
-            block_size=args.block_size, topk=args.topk, kernel_size=args.kernel_size, stride=args.stride,
-            window_size=args.window, compression=args.compression, rope_theta=10000.0, device=device)
+        if args.attention == "dense":
+            self.attn = DenseCausalAttention(args, device)
+        else:
+            self.attn = NativeSparseAttention(
+                hidden_size=h, num_q_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.head_dim,
+                block_size=args.block_size, topk=args.topk, kernel_size=args.kernel_size, stride=args.stride,
+                window_size=args.window, compression=args.compression, rope_theta=10000.0, device=device)
         self.mlp_norm = nn.RMSNorm(h, device=device)
         self.mlp = nn.Sequential(nn.Linear(h, 4 * h, device=device), nn.GELU(), nn.Linear(4 * h, h, device=device))
 

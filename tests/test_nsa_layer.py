@@ -578,3 +578,28 @@ def test_example_train_step_on_cpu(stub_glue, tmp_path):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     ex.write_outputs(rows, tmp_path)
     assert (tmp_path / "loss.csv").read_text().splitlines()[0] == "step,loss,accuracy,elapsed_s"
+
+
+def test_example_dense_control_on_cpu():
+    """``--attention dense`` (the control run): causal attention with the layer's projections,
+    per packed sequence; a step runs on the CPU with no fsagen kernel, and each sequence's output
+    depends only on its own tokens."""
+    ex = _example()
+    args = ex.parse_args(TINY + ["--attention", "dense"])
+    model = ex.build_model(args, device="cpu")
+    assert not [m for m in model.modules() if isinstance(m, NativeSparseAttention)]
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    loss, acc = ex.train_step(model, opt, ex.make_batch(args, torch.Generator().manual_seed(0), "cpu"), 0, args,
+                              device_type="cpu")
+    assert torch.isfinite(loss)
+    attn = model.blocks[0].attn
+    x = torch.randn(128, args.hidden)
+    cu = torch.tensor([0, 64, 128], dtype=torch.int32)
+    y = attn(x, cu)
+    x2 = x.clone()
+    x2[64:] += 1.0  # the second sequence changes: the first's outputs must not
+    y2 = attn(x2, cu)
+    assert torch.equal(y[:64], y2[:64]) and not torch.equal(y[64:], y2[64:])
+    x3 = x.clone()
+    x3[40] += 1.0  # a later token of the first sequence: earlier outputs unchanged (causal)
+    assert torch.allclose(attn(x3, cu)[:40], y[:40], rtol=0, atol=1e-6)
