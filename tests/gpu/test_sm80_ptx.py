@@ -4,7 +4,7 @@
 ``$FSAGEN_GENERATED_DIR``/sm80 when built ahead of time, else compiled into the user cache). On an
 H100 their sm_80 machine code cannot load, so each stage runs only if the driver JIT-compiles its
 PTX: a pass checks both the PTX path and the sm80 programs' numerics. Each family (slc in both loop
-orders, cmp, swa, sel, comp, dec), forward and backward, runs once per spec of the grid's ``ci`` subset
+orders, cmp, swa, sel, comp, dec, gate), forward and backward, runs once per spec of the grid's ``ci`` subset
 through the existing GPU tests' own cases (float64 references, NaN-poisoned outputs); every kernel
 they loaded must be an sm80 artifact carrying compute_80 PTX.
 
@@ -19,6 +19,7 @@ import torch
 import test_compress_gpu as compress_cases
 import test_decode_gpu as decode_cases
 import test_dense_gpu as dense_cases  # tests/gpu is on sys.path (rootdir-less), as in test_aot_artifacts
+import test_gate_gpu as gate_cases
 import test_slc_gpu as slc_cases
 
 from fsagen import cache
@@ -52,6 +53,8 @@ def _family_cases():
                 _compress_case, ("weighted", s.kernel_size, s.stride, s.D, dtype, "edge_lengths"))
         elif s.branch == "dec":
             cases[f"dec-G{s.G}-D{s.D}-{s.dtype}"] = (decode_cases.check_decode, (s.G, s.D, dtype, "slc"))
+        elif s.branch == "gate":
+            cases[f"gate-D{s.D}-{s.dtype}"] = (_gate_case, (64, s.D, dtype, True))
         else:
             raise AssertionError(f"test_sm80_ptx has no case for branch {s.branch!r} of the ci subset")
     return cases
@@ -61,6 +64,11 @@ def _compress_case(*args):
     # test_kernels_match_reference takes pytest's monkeypatch only to set FSAGEN_POISON, which the
     # sm80_kernels fixture below already sets
     compress_cases.test_kernels_match_reference(*args, pytest.MonkeyPatch())
+
+
+def _gate_case(*args):
+    with pytest.MonkeyPatch.context() as mp:  # the test spies on the glue through monkeypatch
+        gate_cases.test_gate_sum(*args, mp)
 
 
 CASES = _family_cases()
