@@ -29,6 +29,7 @@ reference stubs in for the CUDA kernels; fsagen itself needs CUDA.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import socket
 import sys
@@ -214,6 +215,13 @@ def main(argv=None) -> int:
                 print(f"wrote {own.out}")
             verdict += 0 if compare(reference, runs, own.rtol)[0] else 3
         dist.broadcast(verdict, src=0)  # the other ranks wait here for the reference run
+        # Drop the wrapped models (and the collectives' work objects they hold) and let every rank's
+        # pending collectives finish before the group goes: gloo's worker threads otherwise may still
+        # hold tensors at interpreter exit, which aborted rank 0 now and then (SIGABRT, "terminate
+        # called without an active exception") after a passing run. Not on an error: a rank that
+        # failed would never reach the barrier.
+        gc.collect()
+        dist.barrier()
         return int(verdict.item())
     finally:
         dist.destroy_process_group()
