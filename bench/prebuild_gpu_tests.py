@@ -3,7 +3,7 @@
 
 Those tests edit the sm90 schedule (``edited_schedule``) to force a knob; compiled one by one
 inside pytest, their ~100 artifacts would take most of a device call. This script takes each
-test's edits from the test module itself (``head_rows_edits``, ``ASYNC_GATHER_EDITS``), writes the
+test's edits from the test module itself (``dkdv_edits``, ``ASYNC_GATHER_EDITS``), writes the
 same edited schedule into a folder per edit set, and builds every plan the tests will ask for into
 the user cache (``$FSAGEN_CACHE_DIR``), where ``fsagen.cache`` finds them by their key. The shipped
 schedule's plans (forward specs, the gated sum, the query-chunk test's glue-only knob) are built
@@ -27,17 +27,17 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 def cases() -> list[tuple[tuple[tuple[str, str], ...], object, str | None]]:
     """(schedule edits, KernelSpec, forced loop order or None) of every artifact the tests load."""
-    from gpu.test_dense_gpu import DS, HEAD_ROWS, HEAD_ROWS_GS, head_rows_edits
+    from gpu.test_dense_gpu import DKDV_GS, DKDV_VARIANTS, DS, dkdv_edits
     from gpu.test_slc_gpu import ASYNC_GATHER_CASES, ASYNC_GATHER_EDITS
 
     from fsagen.spec import KernelSpec
 
     out = []
-    for variant in sorted(HEAD_ROWS):
-        branch = HEAD_ROWS[variant][0]
-        for g in HEAD_ROWS_GS:
+    for variant in sorted(DKDV_VARIANTS):
+        branch = DKDV_VARIANTS[variant][0]
+        for g in DKDV_GS:
             for d in DS:
-                out.append((tuple(head_rows_edits(variant)), KernelSpec(branch, "bwd", g, d, 0, 0, "bfloat16"), None))
+                out.append((tuple(dkdv_edits(variant)), KernelSpec(branch, "bwd", g, d, 0, 0, "bfloat16"), None))
                 out.append(((), KernelSpec(branch, "fwd", g, d, 0, 0, "bfloat16"), None))
     for g, d, bs, topk in ASYNC_GATHER_CASES:
         for phase in ("fwd", "bwd"):

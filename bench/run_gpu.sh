@@ -77,7 +77,7 @@ for part in "$@"; do
            run_part "$part" 560 python3 examples/train_recall.py --attention "${part#recall_}" --pairs 16 --queries 16 \
              --keys 64 --values 64 --lr 3e-3 --steps 4000 --log-every 200 --out "$log/$part" ;;
     newtests) run_part newtests 500 python3 -m pytest -q -m gpu tests/gpu/test_gate_gpu.py \
-             "tests/gpu/test_dense_gpu.py::test_dense_backward_by_head_rows" \
+             "tests/gpu/test_dense_gpu.py::test_dense_backward_dkdv_modes" \
              "tests/gpu/test_slc_gpu.py::test_kv_outer_query_chunks" "tests/gpu/test_slc_gpu.py::test_kv_outer_async_gather" ;;
     sweep_dense) run_part sweep_dense 560 python3 bench/sweep.py bench/variants/dense_dkdv.toml --groups 1 4 16 \
              --jobs 16 --out "$log" ;;

@@ -46,7 +46,7 @@ KNOBS: dict[str, tuple[type, object, str]] = {
     "q_keys": (int, lambda v: v >= 0 and v % 16 == 0, "0 or a positive multiple of 16"),
     "q_ctas_per_sm": (int, lambda v: v >= 0, ">= 0"),
     "ctas_per_sm": (int, lambda v: v >= 0, ">= 0"),
-    "dkdv_rows": (str, lambda v: v in ("gather", "head"), 'one of "gather", "head"'),
+    "dkdv_rows": (str, lambda v: v in ("gather", "gather_async", "head"), 'one of "gather", "gather_async", "head"'),
     "gather": (str, lambda v: v in ("sync", "async"), 'one of "sync", "async"'),
 }
 

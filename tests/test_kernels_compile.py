@@ -132,6 +132,21 @@ def test_dense_head_rows_are_a_tma_pipeline(edited_schedule, tmp_path, branch, k
     assert "tma_load(Q_desc" not in stages["dense_bwd_dq"][1]  # the dq stage still gathers
 
 
+def test_dense_gather_async_is_cp_async(edited_schedule, tmp_path):
+    """``dkdv_rows = "gather_async"``: the dK/dV stage copies its rows with 16-byte cp.async and
+    leaves the next tile in flight (``wait_group 1``); the dq stage still gathers."""
+    from fsagen.cache import ensure_artifact
+    from fsagen.spec import KernelSpec
+
+    edited_schedule("sm90", 'dkdv_rows = "gather"', 'dkdv_rows = "gather_async"')
+    spec = KernelSpec("swa", "bwd", 4, 128, 0, 0, "bfloat16")
+    path, _ = ensure_artifact(spec, load_schedule("sm90").plan(spec), "sm90", root=tmp_path)
+    meta = json.loads(open(os.path.join(path, "meta.json")).read())
+    sources = {stage: source for stage, _, _, source in _stages(meta, path)}
+    assert "cp_async_gs_conditional<16>" in sources["dense_bwd_dkdv"] and "cp_async_wait<1>" in sources["dense_bwd_dkdv"]
+    assert "cp_async" not in sources["dense_bwd_dq"]
+
+
 def test_dense_head_rows_need_sm90(edited_schedule):
     from fsagen.errors import ScheduleError
 

@@ -35,8 +35,8 @@ import math
 import tilelang.language as T
 
 from .target import SIMT, Dialect
-from .tiles import (ACCUM, LOG2E, make_gather_row_stat, make_gather_rows, make_kv_grads_from_probs,
-                    make_online_softmax)
+from .tiles import (ACCUM, LOG2E, make_gather_row_stat, make_gather_rows, make_issue_run_tile,
+                    make_kv_grads_from_probs, make_online_softmax)
 
 LN2 = math.log(2.0)
 INDEX = "int32"
@@ -165,21 +165,33 @@ def dense_fwd(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, keys:
     return main
 
 
-def make_gather_query_tile(rows: int, D: int, DV: int, G: int, dl: Dialect, io):
-    """``gather_tile(Q, dO, lse2, delta, h, q0, p0, p_end, row_tok, row_lse2, row_delta, Q_s, dO_s)``:
-    the backward's query tile at position ``p0`` of the sequence starting at packed row ``q0``:
-    ``rows // G`` queries x the G heads of kv head ``h``; rows at or past ``p_end`` are dead
-    (token -1, zeros)."""
-    gather_q = make_gather_rows(rows, D, G, dl, io)
-    gather_do = make_gather_rows(rows, DV, G, dl, io)
+def make_query_tile_stats(rows: int, G: int, dl: Dialect):
+    """``tile_stats(lse2, delta, h, q0, p0, p_end, row_tok, row_lse2, row_delta)``: the tokens and
+    row statistics of the backward's query tile at position ``p0`` of the sequence starting at
+    packed row ``q0``: ``rows // G`` queries x the G heads of kv head ``h``; rows at or past
+    ``p_end`` are dead (token -1, statistics 0)."""
     gather_stat = make_gather_row_stat(rows, G, dl)
 
     @T.macro
-    def gather_tile(Q, dO, lse2, delta, h, q0, p0, p_end, row_tok, row_lse2, row_delta, Q_s, dO_s):
+    def tile_stats(lse2, delta, h, q0, p0, p_end, row_tok, row_lse2, row_delta):
         for r in dl.par(rows):
             row_tok[r] = T.if_then_else(p0 + r // G < p_end, q0 + p0 + r // G, -1)
         gather_stat(lse2, h, row_tok, row_lse2)
         gather_stat(delta, h, row_tok, row_delta)
+
+    return tile_stats
+
+
+def make_gather_query_tile(rows: int, D: int, DV: int, G: int, dl: Dialect, io):
+    """``gather_tile(Q, dO, lse2, delta, h, q0, p0, p_end, row_tok, row_lse2, row_delta, Q_s, dO_s)``:
+    ``make_query_tile_stats``, then the tile's Q and dO rows (dead rows zero)."""
+    tile_stats = make_query_tile_stats(rows, G, dl)
+    gather_q = make_gather_rows(rows, D, G, dl, io)
+    gather_do = make_gather_rows(rows, DV, G, dl, io)
+
+    @T.macro
+    def gather_tile(Q, dO, lse2, delta, h, q0, p0, p_end, row_tok, row_lse2, row_delta, Q_s, dO_s):
+        tile_stats(lse2, delta, h, q0, p0, p_end, row_tok, row_lse2, row_delta)
         gather_q(Q, h, row_tok, Q_s)
         gather_do(dO, h, row_tok, dO_s)
 
@@ -263,7 +275,7 @@ def dense_bwd_dq(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, ke
     return main
 
 
-DKDV_ROWS = ("gather", "head")
+DKDV_ROWS = ("gather", "gather_async", "head")
 
 
 def dense_bwd_dkdv(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, keys: int,
@@ -281,6 +293,8 @@ def dense_bwd_dkdv(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, 
     * ``"gather"``: ``rows // G`` consecutive queries x the G heads of the group. Those rows are
       not one box of Q (the heads of a token are contiguous, the tokens are ``Hq`` rows apart), so
       the threads gather them with loads that block, and the query loop is serial.
+    * ``"gather_async"``: the same tiles, the next one's Q and dO rows copied by ``cp.async`` into
+      second tiles while the current one computes (``tiles.make_issue_run_tile``).
     * ``"head"``: ``rows`` consecutive queries of one head; the loop runs over (query tile,
       head). Each tile of Q and dO is then one box, copied by TMA in a loop software-pipelined
       over ``num_stages`` tiles. The row statistics must then come transposed, ``[Hq, NS]`` with
@@ -290,6 +304,7 @@ def dense_bwd_dkdv(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, 
     if dkdv_rows not in DKDV_ROWS:
         raise ValueError(f"dense_bwd_dkdv: dkdv_rows={dkdv_rows!r} must be one of {DKDV_ROWS}")
     by_head = dkdv_rows == "head"
+    by_async = dkdv_rows == "gather_async"
     split = q_split > 0
     io = dl.io(dtype)
     GRAD = ACCUM if split else io.tensor
@@ -316,6 +331,10 @@ def dense_bwd_dkdv(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, 
         copy_q = dl.make_copy_rows(R, D, io)
         copy_do = dl.make_copy_rows(R, DV, io)
         copy_stat = dl.make_copy_span(R)
+    elif by_async:
+        tile_stats = make_query_tile_stats(R, G, dl)
+        issue_q = make_issue_run_tile(R, D, G, dl, io)
+        issue_do = make_issue_run_tile(R, DV, G, dl, io)
     else:
         gather_tile = make_gather_query_tile(R, D, DV, G, dl, io)
 
@@ -332,6 +351,26 @@ def dense_bwd_dkdv(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, 
                 0,
             )
         kv_grads(Q_s, V_s, dO_s, P_s, dS_s, row_delta, acc_s, acc_dp, acc_dk, acc_dv, sm_scale)
+
+    @T.macro
+    def async_tile(it, n_tiles, Q_cur, dO_cur, Q_next, dO_next, K_s, V_s, P_s, dS_s, row_tok, row_lse2, row_delta,
+                   acc_s, acc_dp, acc_dk, acc_dv, Q, dO, lse2, delta, h, q0, p_lo, p_hi, j0, j1, arg_a, arg_b,
+                   sm_scale):
+        """Query tile ``it`` from ``Q_cur`` / ``dO_cur`` (copies issued one step earlier) while the
+        next tile's copies into ``Q_next`` / ``dO_next`` are in flight."""
+        p0 = p_lo + it * BQ
+        if it + 1 < n_tiles:
+            issue_q(Q, h, q0, p0 + BQ, p_hi, 0, Q_next)
+            issue_do(dO, h, q0, p0 + BQ, p_hi, 0, dO_next)
+            dl.commit_async()
+            dl.wait_async(1)  # the next tile's group may stay in flight
+        else:
+            dl.wait_async(0)
+        tile_stats(lse2, delta, h, q0, p0, p_hi, row_tok, row_lse2, row_delta)
+        T.sync_threads()  # every thread's copies of this tile have landed
+        tile_grads(K_s, V_s, Q_cur, dO_cur, P_s, dS_s, row_lse2, row_delta, acc_s, acc_dp, acc_dk, acc_dv,
+                   p0, p_hi, j0, j1, arg_a, arg_b, sm_scale)
+        T.sync_threads()  # Q_cur and dO_cur are free before the next step refills them
 
     @T.prim_func
     def main(
@@ -364,6 +403,8 @@ def dense_bwd_dkdv(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, 
             acc_dp = dl.alloc_acc((R, BN), ACCUM)
             acc_dk = dl.alloc_acc((BN, D), ACCUM)
             acc_dv = dl.alloc_acc((BN, DV), ACCUM)
+            Q_next = dl.alloc_tile((R, D), io.tile) if by_async else None
+            dO_next = dl.alloc_tile((R, DV), io.tile) if by_async else None
 
             seq = tiles[bt, 0]
             j0 = tiles[bt, 1]
@@ -388,6 +429,20 @@ def dense_bwd_dkdv(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, 
                         copy_stat(delta, head, q0 + p0, N, row_delta)
                         tile_grads(K_s, V_s, Q_s, dO_s, P_s, dS_s, row_lse2, row_delta, acc_s, acc_dp,
                                    acc_dk, acc_dv, p0, p_hi, j0, j1, arg_a, arg_b, sm_scale)
+                elif by_async:
+                    n_tiles = T.ceildiv(T.max(p_hi - p_lo, 0), BQ)
+                    issue_q(Q, h, q0, p_lo, p_hi, 0, Q_s)
+                    issue_do(dO, h, q0, p_lo, p_hi, 0, dO_s)
+                    dl.commit_async()
+                    for it in T.serial(n_tiles):
+                        if it % 2 == 0:
+                            async_tile(it, n_tiles, Q_s, dO_s, Q_next, dO_next, K_s, V_s, P_s, dS_s, row_tok,
+                                       row_lse2, row_delta, acc_s, acc_dp, acc_dk, acc_dv, Q, dO, lse2, delta, h, q0,
+                                       p_lo, p_hi, j0, j1, arg_a, arg_b, sm_scale)
+                        else:
+                            async_tile(it, n_tiles, Q_next, dO_next, Q_s, dO_s, K_s, V_s, P_s, dS_s, row_tok,
+                                       row_lse2, row_delta, acc_s, acc_dp, acc_dk, acc_dv, Q, dO, lse2, delta, h, q0,
+                                       p_lo, p_hi, j0, j1, arg_a, arg_b, sm_scale)
                 else:
                     for it in T.serial(T.ceildiv(T.max(p_hi - p_lo, 0), BQ)):
                         p0 = p_lo + it * BQ

@@ -102,41 +102,60 @@ def make_gather_rows(rows: int, dim: int, group: int, dl: Dialect, io: IO):
 ASYNC_BYTES = 16  # one cp.async copies 16 bytes
 
 
-def make_issue_item_tile(rows: int, dim: int, group: int, dl: Dialect, io: IO):
-    """``issue(src, kv_head, ent_q, e0, e1, tile, dst)``: start filling ``dst`` with tile ``tile``
-    of a work item's rows (laid out as ``make_gather_rows`` with ``make_item_rows``' tokens)
-    without waiting for it: on a GPU one 16-byte ``cp.async`` per thread and chunk, zero-filling
-    rows past the item's end. The caller commits the copies as one group
-    (``Dialect.commit_async``) and waits for it (``Dialect.wait_async``). On the CPU the copy is
+def make_issue_rows(rows: int, dim: int, group: int, token, dl: Dialect, io: IO):
+    """``issue(src, kv_head, a, b, c, d, dst)``: start filling ``dst`` with a (query, head) row tile
+    laid out as ``make_gather_rows``', row r reading token ``token(a, b, c, d, r)`` (-1: a dead
+    row, zero), without waiting for it: on a GPU one 16-byte ``cp.async`` per thread and chunk
+    (the destination through ``T.access_ptr``, which keeps the tile's swizzled layout; a predicate
+    zero-fills dead rows). The caller commits the copies as one group (``Dialect.commit_async``)
+    and waits for it (``Dialect.wait_async``) before a barrier. On the CPU the copy is
     synchronous. ``dim`` elements of 2 bytes must be whole 16-byte chunks."""
-    per_tile = rows // group
     vec = ASYNC_BYTES // 2
     if dim % vec:
         raise ValueError(f"async row copy: dim={dim} must be a multiple of {vec} (16-byte chunks)")
 
-    def token(ent_q, e0, e1, tile, r):
-        e = e0 + tile * per_tile + r // group
-        return T.if_then_else(e < e1, ent_q[T.min(e, e1 - 1)], -1)
-
     if dl.simt:
 
         @T.macro
-        def issue(src, kv_head, ent_q, e0, e1, tile, dst):
-            for r, c in T.Parallel(rows, dim // vec):
-                tok = token(ent_q, e0, e1, tile, r)
-                T.ptx_cp_async(T.access_ptr(dst[r, c * vec], "w", vec),
-                               T.access_ptr(src[T.max(tok, 0), kv_head * group + r % group, c * vec], "r", vec),
+        def issue(src, kv_head, a, b, c, d, dst):
+            for r, col in T.Parallel(rows, dim // vec):
+                tok = token(a, b, c, d, r)
+                T.ptx_cp_async(T.access_ptr(dst[r, col * vec], "w", vec),
+                               T.access_ptr(src[T.max(tok, 0), kv_head * group + r % group, col * vec], "r", vec),
                                vec, tok >= 0)
 
         return issue
 
     @T.macro
-    def issue(src, kv_head, ent_q, e0, e1, tile, dst):
-        for r, d in dl.par(rows, dim):
-            tok = token(ent_q, e0, e1, tile, r)
-            dst[r, d] = T.if_then_else(tok >= 0, io.load(src[T.max(tok, 0), kv_head * group + r % group, d]), 0)
+    def issue(src, kv_head, a, b, c, d, dst):
+        for r, col in dl.par(rows, dim):
+            tok = token(a, b, c, d, r)
+            dst[r, col] = T.if_then_else(tok >= 0, io.load(src[T.max(tok, 0), kv_head * group + r % group, col]), 0)
 
     return issue
+
+
+def make_issue_item_tile(rows: int, dim: int, group: int, dl: Dialect, io: IO):
+    """``issue(src, kv_head, ent_q, e0, e1, tile, dst)``: ``make_issue_rows`` for tile ``tile`` of a
+    kv-outer work item's entries ``[e0, e1)`` (tokens ``ent_q``, as ``make_item_rows``)."""
+    per_tile = rows // group
+
+    def token(ent_q, e0, e1, tile, r):
+        e = e0 + tile * per_tile + r // group
+        return T.if_then_else(e < e1, ent_q[T.min(e, e1 - 1)], -1)
+
+    return make_issue_rows(rows, dim, group, token, dl, io)
+
+
+def make_issue_run_tile(rows: int, dim: int, group: int, dl: Dialect, io: IO):
+    """``issue(src, kv_head, q0, p0, p_end, unused, dst)``: ``make_issue_rows`` for the query tile of
+    ``rows // group`` consecutive positions from ``p0`` of the sequence starting at packed row
+    ``q0``; positions at or past ``p_end`` are dead."""
+
+    def token(q0, p0, p_end, unused, r):
+        return T.if_then_else(p0 + r // group < p_end, q0 + p0 + r // group, -1)
+
+    return make_issue_rows(rows, dim, group, token, dl, io)
 
 
 def make_gather_row_stat(rows: int, group: int, dl: Dialect):

@@ -218,36 +218,37 @@ def test_select_blocks(G, D, ks, s, bs, dtype, layout):
     assert recall > 0.99, f"{case}: recall {recall:.4f} of the reference's blocks"
 
 
-# dK / dV with query tiles of one head's rows (dkdv_rows = "head": TMA boxes, pipelined loop): the
-# shapes a sweep may pick (bench/variants/dense_dkdv.toml), with the shipped rules' other knobs
-HEAD_ROWS = {
-    "swa-r64": ("swa", "rows = 64, keys = 64, bwd_threads = 128"),
-    "swa-r128": ("swa", "rows = 128, keys = 64, bwd_threads = 256"),
-    "cmp-r128": ("cmp", "rows = 128, keys = 64, bwd_threads = 256, q_split = 4096"),
-    "cmp-r64-runs": ("cmp", "rows = 64, keys = 64, bwd_threads = 128, q_split = 256"),
+# dK / dV in the other row modes (dkdv_rows "head": one head's rows by TMA in a pipelined loop;
+# "gather_async": the gathered tiles, the next one's copied by cp.async): the shapes a sweep may pick
+# (bench/variants/dense_dkdv.toml), with the shipped rules' other knobs
+DKDV_VARIANTS = {
+    "swa-head-r64": ("swa", "head", "rows = 64, keys = 64, bwd_threads = 128"),
+    "swa-head-r128": ("swa", "head", "rows = 128, keys = 64, bwd_threads = 256"),
+    "cmp-head-r128": ("cmp", "head", "rows = 128, keys = 64, bwd_threads = 256, q_split = 4096"),
+    "cmp-head-r64-runs": ("cmp", "head", "rows = 64, keys = 64, bwd_threads = 128, q_split = 256"),
+    "swa-async-r64": ("swa", "gather_async", "rows = 64, keys = 64, bwd_threads = 128"),
+    "cmp-async-r128-runs": ("cmp", "gather_async", "rows = 128, keys = 64, bwd_threads = 256, q_split = 256"),
 }
+DKDV_GS = (1, 4, 16)
 
 
-HEAD_ROWS_GS = (1, 4, 16)
-
-
-def head_rows_edits(variant: str) -> list[tuple[str, str]]:
-    """The sm90 schedule edits (old, new) of a HEAD_ROWS variant: a rule put first for its
+def dkdv_edits(variant: str) -> list[tuple[str, str]]:
+    """The sm90 schedule edits (old, new) of a DKDV_VARIANTS variant: a rule put first for its
     branch's backward (bench/prebuild_gpu_tests.py compiles the same plans ahead)."""
-    branch, knobs = HEAD_ROWS[variant]
+    branch, rows, knobs = DKDV_VARIANTS[variant]
     return [("[[rules]]", f'[[rules]]\nwhen = {{ branch = "{branch}", phase = "bwd" }}\n'
-                          f'loop_order = "dense"\nknobs = {{ dkdv_rows = "head", {knobs} }}\n\n[[rules]]')]
+                          f'loop_order = "dense"\nknobs = {{ dkdv_rows = "{rows}", {knobs} }}\n\n[[rules]]')]
 
 
 @pytest.mark.parametrize("layout", ["random", "edges"])
 @pytest.mark.parametrize("D", DS)
-@pytest.mark.parametrize("G", HEAD_ROWS_GS)
-@pytest.mark.parametrize("variant", sorted(HEAD_ROWS))
-def test_dense_backward_by_head_rows(variant, G, D, layout, edited_schedule):
-    branch, _ = HEAD_ROWS[variant]
-    for old, new in head_rows_edits(variant):
+@pytest.mark.parametrize("G", DKDV_GS)
+@pytest.mark.parametrize("variant", sorted(DKDV_VARIANTS))
+def test_dense_backward_dkdv_modes(variant, G, D, layout, edited_schedule):
+    branch = DKDV_VARIANTS[variant][0]
+    for old, new in dkdv_edits(variant):
         edited_schedule("sm90", old, new)
     if branch == "swa":
-        _check_swa(G, D, 512, torch.bfloat16, layout, f"dkdv-head-{variant}")
+        _check_swa(G, D, 512, torch.bfloat16, layout, f"dkdv-{variant}")
     else:
-        _check_cmp(G, D, 32, 16, torch.bfloat16, layout, f"dkdv-head-{variant}")
+        _check_cmp(G, D, 32, 16, torch.bfloat16, layout, f"dkdv-{variant}")
