@@ -56,12 +56,18 @@ def _check(o_cmp, o_slc, o_swa, gates) -> None:
             fail(TypeError, name, f"dtype must equal o_cmp's {o_cmp.dtype}", t.dtype)
         if t.device != o_cmp.device:
             fail(ValueError, name, f"must be on o_cmp's device {o_cmp.device}", t.device)
+    check_gates(gates, o_cmp, "o_cmp")
+
+
+def check_gates(gates, like: Tensor, like_name: str) -> None:
+    """``gates``: floating ``[N, Hq, 3]`` or ``[N, 3]`` on the device of ``like`` ``[N, Hq, ...]``
+    (named ``like_name`` in the errors)."""
     check_tensor("gates", gates)
     if not gates.dtype.is_floating_point:
         fail(TypeError, "gates", "dtype must be floating point", gates.dtype)
-    if gates.device != o_cmp.device:
-        fail(ValueError, "gates", f"must be on o_cmp's device {o_cmp.device}", gates.device)
-    n, hq, _ = o_cmp.shape
+    if gates.device != like.device:
+        fail(ValueError, "gates", f"must be on {like_name}'s device {like.device}", gates.device)
+    n, hq = like.shape[:2]
     if tuple(gates.shape) not in ((n, hq, 3), (n, 3)):
         fail(ValueError, "gates", f"shape must be [N={n}, Hq={hq}, 3] or [N={n}, 3]", f"shape {tuple(gates.shape)}")
 

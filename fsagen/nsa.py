@@ -33,7 +33,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from fsagen.compression import compress
 from fsagen.ops import selected_attention
-from fsagen.gating import gate_sum
+from fsagen.gating import check_gates, gate_sum
 from fsagen.ops_dense import compressed_attention, select_blocks, sliding_window_attention
 from fsagen.reference_cmp import COMPRESS_KINDS, COMPRESS_OPTIONAL, COMPRESS_REQUIRED
 from fsagen.validate import check_scale, check_tensor, fail
@@ -82,14 +82,7 @@ def _check_inputs(q, k, v, gates, cu_seqlens, window_size, scale) -> None:
     """q, k, v and cu_seqlens as the swa op takes them (metadata only: no host sync), then the gates:
     floating ``[N, Hq, 3]`` or ``[N, 3]`` on q's device."""
     check_swa_inputs(q, k, v, cu_seqlens, window_size, scale, check_values=False)
-    check_tensor("gates", gates)
-    if not gates.dtype.is_floating_point:
-        fail(TypeError, "gates", "dtype must be floating point", gates.dtype)
-    if gates.device != q.device:
-        fail(ValueError, "gates", f"must be on q's device {q.device}", gates.device)
-    n, hq = q.shape[:2]
-    if tuple(gates.shape) not in ((n, hq, 3), (n, 3)):
-        fail(ValueError, "gates", f"shape must be [N={n}, Hq={hq}, 3] or [N={n}, 3]", f"shape {tuple(gates.shape)}")
+    check_gates(gates, q, "q")
 
 
 # --------------------------------------------------------------------------- compression
