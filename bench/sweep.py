@@ -18,7 +18,7 @@ forward or the backward alone at the benchmark shape (one sequence of ``--n`` to
 D = 128, bf16; swa window 512, cmp kernel 32 / stride 16). Compile on the GPU machine first in
 parallel with ``--build-only --jobs 16``.
 
-Usage: python bench/sweep.py VARIANTS.toml [--groups 8 16] [--configs 64,16] [--out DIR]
+Usage: python bench/sweep.py VARIANTS.toml [MORE.toml ...] [--groups 8 16] [--configs 64,16] [--out DIR]
 """
 from __future__ import annotations
 
@@ -265,7 +265,7 @@ def write_table(path: Path, rows, header: list[str]) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("variants", type=Path)
+    p.add_argument("variants", type=Path, nargs="+", help="one or more variants files, swept in one run")
     p.add_argument("--arch", default="sm90")
     p.add_argument("--groups", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--configs", nargs="+", default=["64,16"], help="block_size,topk pairs")
@@ -274,7 +274,10 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     args = p.parse_args(argv)
-    variants = read_variants(args.variants)
+    variants = [v for path in args.variants for v in read_variants(path)]
+    names = [v["name"] for v in variants]
+    if len(set(names)) != len(names):
+        p.error(f"variant names repeat across {[str(x) for x in args.variants]}: {sorted({n for n in names if names.count(n) > 1})}")
     configs = [tuple(int(x) for x in c.split(",")) for c in args.configs]
     from fsagen.paths import schedules_dir
 
@@ -290,8 +293,8 @@ def main(argv=None) -> int:
             return 2
         rows = measure(args.groups, configs, variants, args.arch, Path(tmp), base_dir, args.n)
     args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"sweep_{args.variants.stem}.md"
-    header = [f"# schedule sweep: {args.variants.name}", "",
+    out = args.out / f"sweep_{'+'.join(path.stem for path in args.variants)}.md"
+    header = [f"# schedule sweep: {', '.join(path.name for path in args.variants)}", "",
               f"- device: {torch.cuda.get_device_name()}, N={args.n} (one sequence), Hkv=4, D=128, bf16; "
               f"swa window {WINDOW}, cmp kernel {KERNEL_SIZE} / stride {STRIDE}",
               "- err: max relative error (o for fwd; dq, dk, dv for bwd) on a small varlen case vs float64",

@@ -84,3 +84,13 @@ def test_bad_variant_branch(sweep, tmp_path):
     path.write_text('[[variant]]\nname = "a"\nbranch = "sel"\nphase = "fwd"\nloop_order = "sel"\n')
     with pytest.raises(ValueError, match="branch='sel'"):
         sweep.read_variants(path)
+
+
+def test_variant_names_must_not_repeat_across_files(sweep, tmp_path, capsys):
+    """Several files sweep in one run; a name in two of them would make the table ambiguous."""
+    text = '[[variant]]\nname = "twice"\nphase = "fwd"\nloop_order = "kv_outer"\n'
+    for name in ("a.toml", "b.toml"):
+        (tmp_path / name).write_text(text)
+    with pytest.raises(SystemExit):
+        sweep.main([str(tmp_path / "a.toml"), str(tmp_path / "b.toml"), "--build-only"])
+    assert "twice" in capsys.readouterr().err
