@@ -223,7 +223,9 @@ class CompiledKernel:
             with self._lock:
                 function = self._functions.get(stage)
                 if function is None:
-                    function = load_function(self.path / info["library"], info["entry"], info)
+                    spec = self.meta["spec"]
+                    function = _profiled(load_function(self.path / info["library"], info["entry"], info),
+                                         f"fsagen::{spec['branch']}_{spec['phase']}.{stage}")
                     self._functions[stage] = function
         return function
 
@@ -232,6 +234,23 @@ class CompiledKernel:
 
     def __repr__(self) -> str:
         return f"CompiledKernel({str(self.path)!r}, stages={list(self.stages)})"
+
+
+def _profiled(function: Callable, label: str) -> Callable:
+    """``function``, run inside a profiler range named ``label`` while torch.profiler records.
+
+    TileLang names every kernel ``main_kernel``; the range is what tells the stages apart in a
+    profile (bench/profile_slc.py). When no profiler runs, the cost is one attribute read."""
+    from torch.autograd import profiler
+
+    def call(*args):
+        if profiler._is_profiler_enabled:
+            with profiler.record_function(label):
+                return function(*args)
+        return function(*args)
+
+    call.__wrapped__ = function
+    return call
 
 
 def programs_factory() -> Callable:

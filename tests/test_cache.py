@@ -226,3 +226,19 @@ def test_editing_one_family_keeps_the_others(monkeypatch):
     monkeypatch.setitem(cache._sources_hashes, "dec", "edited decode.py")
     after = (cache.artifact_ref(SPEC, sched.plan(SPEC), "sm90")[0], cache.artifact_ref(dec, sched.plan(dec), "sm90")[0])
     assert after[0] == before[0] and after[1] != before[1]
+
+
+def test_stage_calls_are_profiler_ranges():
+    """TileLang names every kernel main_kernel; a stage call is a named range while a profiler runs
+    (bench/profile_slc.py charges kernel time to it) and a plain call otherwise."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fsagen.cache import _profiled
+
+    calls = []
+    stage = _profiled(lambda *a: calls.append(a) or len(calls), "fsagen::slc_fwd.kv_fwd_stats")
+    assert stage(1, 2) == 1
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        assert stage(3) == 2
+    assert calls == [(1, 2), (3,)]
+    assert [e.name for e in prof.events()].count("fsagen::slc_fwd.kv_fwd_stats") == 1
