@@ -236,21 +236,31 @@ class CompiledKernel:
         return f"CompiledKernel({str(self.path)!r}, stages={list(self.stages)})"
 
 
-def _profiled(function: Callable, label: str) -> Callable:
-    """``function``, run inside a profiler range named ``label`` while torch.profiler records.
+class _ProfiledStage:
+    """A loaded stage, run inside a profiler range named ``label`` while torch.profiler records.
 
     TileLang names every kernel ``main_kernel``; the range is what tells the stages apart in a
-    profile (bench/profile_slc.py). When no profiler runs, the cost is one attribute read."""
-    from torch.autograd import profiler
+    profile (bench/profile_slc.py). When no profiler runs, the cost is one attribute read. Other
+    attributes are the stage function's own."""
 
-    def call(*args):
-        if profiler._is_profiler_enabled:
-            with profiler.record_function(label):
-                return function(*args)
-        return function(*args)
+    __slots__ = ("function", "label", "profiler")
 
-    call.__wrapped__ = function
-    return call
+    def __init__(self, function: Callable, label: str):
+        from torch.autograd import profiler
+
+        self.function, self.label, self.profiler = function, label, profiler
+
+    def __call__(self, *args):
+        if self.profiler._is_profiler_enabled:
+            with self.profiler.record_function(self.label):
+                return self.function(*args)
+        return self.function(*args)
+
+    def __getattr__(self, name: str):
+        return getattr(self.function, name)
+
+
+_profiled = _ProfiledStage
 
 
 def programs_factory() -> Callable:

@@ -9,16 +9,22 @@ processed in chunks so that those buffers and the block index stay under ``FSAGE
 (knob ``chunk_rows``), the o / dq accumulator is further cut into windows of whole query chunks of at
 most ``FSAGEN_ACC_BYTES`` (default 256 MiB), one launch per window over the same index; without
 query chunks one head's buffer is N * G * D * 4 bytes (512 MiB at N = 65536, G = 16, D = 128).
+
+A kv-outer forward keeps its block index (``FORWARD_INDEX``, keyed by its lse's storage) and the
+backward of the same call uses it instead of sorting the selection again; both passes cut the kv
+heads the same way (``_kv_outer_head_chunks``) so that the chunks meet.
 """
 import math
 import os
+from dataclasses import replace
 
 import torch
 
 from .glue import alloc, head_chunks, kernel_spec, plan_and_kernel, plan_for as _plan_for_spec
-from .slc_index import build_block_index, token_layout
+from .slc_index import ForwardIndexStash, build_block_index, token_layout
 
 LN2 = math.log(2.0)
+FORWARD_INDEX = ForwardIndexStash()  # kv-outer forwards' block indices, for their backward
 
 
 def _spec(q, k, topk_idx, block_size, phase):
@@ -59,6 +65,21 @@ def _head_chunks(num_tokens, num_kv_heads, topk, acc_floats_per_head_token):
     return head_chunks(num_kv_heads, num_tokens * (acc_floats_per_head_token * 4 + topk * 32))
 
 
+def _kv_outer_head_chunks(num_tokens, num_kv_heads, topk, G, D, Dv):
+    """The kv-head chunks of both kv-outer passes: the forward's buffers (o_acc and the partial
+    statistics, G * (Dv + topk) floats a token) or the backward's (dq_acc, G * D), whichever is
+    larger, so that the backward meets the forward's index chunks and can reuse them."""
+    return _head_chunks(num_tokens, num_kv_heads, topk, G * max(Dv + topk, D))
+
+
+def _index(indices, topk_idx, layout, block_size, h_lo, h_hi, per_item, chunk):
+    """The block index of kv heads [h_lo, h_hi): the forward's (``indices``) when it has this one,
+    else built now."""
+    found = indices.get((h_lo, h_hi, per_item, chunk))
+    return found if found is not None else build_block_index(topk_idx[h_lo:h_hi], layout, block_size, h_lo,
+                                                              per_item, chunk)
+
+
 def slc_forward(q, k, v, topk_idx, cu_seqlens, block_size, scale, loop_order=None):
     N, Hq, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[2]
@@ -76,9 +97,11 @@ def slc_forward(q, k, v, topk_idx, cu_seqlens, block_size, scale, loop_order=Non
     per_item = plan.knob("rows") // G * plan.knob("tiles_per_item")
     chunk = _query_chunk(plan, G)
     lse2 = torch.empty((N, Hq), dtype=torch.float32, device=q.device)
-    for h_lo, h_hi in _head_chunks(N, Hkv, topk, G * (Dv + topk)):  # o_acc + part
+    kept = {}
+    for h_lo, h_hi in _kv_outer_head_chunks(N, Hkv, topk, G, D, Dv):
         heads = slice(h_lo * G, h_hi * G)
         index = build_block_index(topk_idx[h_lo:h_hi], layout, block_size, h_lo, per_item, chunk)
+        kept[(h_lo, h_hi, per_item, chunk)] = replace(index, ent_k=index.ent_k[:0])  # the backward's part
         part = torch.full((h_hi - h_lo, N, topk, G), -math.inf, dtype=torch.float32, device=q.device)
         kern["kv_fwd_stats"](q, k, index.items, index.ent_q, index.ent_k, part, h_lo, float(scale))
         lse_c = torch.logsumexp(part, dim=2)  # [hc, N, G], natural log
@@ -89,6 +112,7 @@ def slc_forward(q, k, v, topk_idx, cu_seqlens, block_size, scale, loop_order=Non
             o_acc = torch.zeros((q_hi - q_lo, (h_hi - h_lo) * G, Dv), dtype=torch.float32, device=q.device)
             kern["kv_fwd_accum"](q, k, v, index.items, index.ent_q, lse2, o_acc, h_lo, q_lo, q_hi, float(scale))
             o[q_lo:q_hi, heads] = o_acc
+    FORWARD_INDEX.put(lse, topk_idx, cu_seqlens, block_size, layout, kept)
     return o, lse
 
 
@@ -100,7 +124,8 @@ def slc_backward(do, q, k, v, o, lse, topk_idx, cu_seqlens, block_size, scale, l
     dq = alloc(q.shape, q.dtype, q.device)
     if N == 0:
         return dq, alloc(k.shape, k.dtype, k.device), alloc(v.shape, v.dtype, v.device)
-    layout = token_layout(cu_seqlens, N, block_size)
+    saved = FORWARD_INDEX.get(lse, topk_idx, cu_seqlens, block_size)
+    layout, indices = saved if saved is not None else (token_layout(cu_seqlens, N, block_size), {})
     delta = torch.empty((N, Hq), dtype=torch.float32, device=q.device)
     kern["row_dot"](do, o, delta)
     lse2 = lse / LN2
@@ -111,13 +136,13 @@ def slc_backward(do, q, k, v, o, lse, topk_idx, cu_seqlens, block_size, scale, l
         kern["q_bwd_dq"](q, k, v, do, topk_idx, layout.tok_start, lse2, delta, dq, float(scale))
         no_dq = torch.empty((1, 1, D), dtype=torch.float32, device=q.device)
         for h_lo, h_hi in _head_chunks(N, Hkv, topk, 0):
-            index = build_block_index(topk_idx[h_lo:h_hi], layout, block_size, h_lo, per_item)
+            index = _index(indices, topk_idx, layout, block_size, h_lo, h_hi, per_item, 0)
             kern["kv_bwd_dkdv"](q, k, v, do, index.items, index.ent_q, lse2, delta, no_dq,
                                 dk_acc, dv_acc, h_lo, 0, N, float(scale))
     else:
         chunk = _query_chunk(plan, G)
-        for h_lo, h_hi in _head_chunks(N, Hkv, topk, G * D):  # dq_acc
-            index = build_block_index(topk_idx[h_lo:h_hi], layout, block_size, h_lo, per_item, chunk)
+        for h_lo, h_hi in _kv_outer_head_chunks(N, Hkv, topk, G, D, Dv):
+            index = _index(indices, topk_idx, layout, block_size, h_lo, h_hi, per_item, chunk)
             for q_lo, q_hi in _acc_windows(N, chunk, (h_hi - h_lo) * G * D * 4):
                 dq_acc = torch.zeros((q_hi - q_lo, (h_hi - h_lo) * G, D), dtype=torch.float32, device=q.device)
                 kern["kv_bwd"](q, k, v, do, index.items, index.ent_q, lse2, delta, dq_acc,

@@ -20,9 +20,11 @@ float32 adds into o (or dq) land all over an accumulator far larger than L2 (512
 at N = 65536, G = 16). Cutting the queries into chunks whose accumulator rows fit L2 keeps those
 adds in L2, at the cost of loading each KV block once per chunk instead of once.
 """
+import weakref
 from dataclasses import dataclass
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 
 @dataclass(frozen=True)
@@ -132,3 +134,55 @@ def build_block_index(topk_idx: torch.Tensor, layout: TokenLayout, block_size: i
         [h_lo + owner // (n_chunks * nb), layout.block_first_tok[owner % nb], begin, end], dim=1
     ).to(torch.int32)
     return BlockIndex(items=items.contiguous(), ent_q=ent_q, ent_k=ent_k)
+
+
+def _fingerprint(t: torch.Tensor) -> tuple:
+    """What identifies a tensor's values without reading them: its storage (weakly: a dead storage
+    matches nothing), where it sits in it, and the version counter that every in-place write bumps."""
+    return (weakref.ref(t.untyped_storage()), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t._version)
+
+
+def _same(fingerprint: tuple, t: torch.Tensor) -> bool:
+    ref, *rest = fingerprint
+    return ref() is t.untyped_storage() and tuple(rest) == _fingerprint(t)[1:]
+
+
+class ForwardIndexStash:
+    """Block indices of kv-outer forwards, kept for the backward of the same call.
+
+    The backward needs the block index the forward built (same ``topk_idx``, ``cu_seqlens``,
+    block size, entries per item, query chunks and kv-head chunks); rebuilding it is a sort of
+    N * Hkv * topk keys and a dozen passes over them. An entry is keyed by the forward's lse
+    *storage*: autograd hands the backward a new tensor object for a saved output, but the same
+    storage, and the storage's Python object lives exactly as long as that memory (so the entry
+    goes when the lse does: nothing grows). A lookup also checks that ``topk_idx`` and
+    ``cu_seqlens`` are the forward's own tensors, unmodified (their storage, offset, shape, strides
+    and version counter), so an index is never used for other values; any mismatch rebuilds.
+
+    Memory: the index (about 8 bytes per (query, kv head, slot)) lives as long as the forward's lse.
+    Inference mode stashes nothing."""
+
+    def __init__(self):
+        self._by_lse = WeakIdKeyDictionary()
+
+    def put(self, lse: torch.Tensor, topk_idx: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int,
+            layout: TokenLayout, indices: dict) -> None:
+        """``indices``: {(h_lo, h_hi, entries_per_item, query_chunk): BlockIndex}."""
+        if torch.is_inference_mode_enabled() or lse.device.type == "meta":
+            return
+        self._by_lse[lse.untyped_storage()] = (_fingerprint(topk_idx), _fingerprint(cu_seqlens), block_size,
+                                               layout, dict(indices))
+
+    def get(self, lse: torch.Tensor, topk_idx: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int):
+        """(layout, indices) of the forward that produced ``lse`` if it ran on these very inputs,
+        else None."""
+        entry = self._by_lse.get(lse.untyped_storage())
+        if entry is None:
+            return None
+        topk_fp, cu_fp, bs, layout, indices = entry
+        if bs != block_size or not _same(topk_fp, topk_idx) or not _same(cu_fp, cu_seqlens):
+            return None
+        return layout, indices
+
+    def __len__(self) -> int:
+        return len(self._by_lse)

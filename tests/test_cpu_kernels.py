@@ -377,3 +377,53 @@ def test_nsa_decode_on_cpu():
         for name, got, want in (("o", o[b:b + 1], ro), *((k, parts[k][b:b + 1], rp[k]) for k in ("o_cmp", "o_slc", "o_swa"))):
             err = rel_err(got, want)
             assert err < 1e-2, f"length {n}: {name} rel err {err}"
+
+
+def test_backward_reuses_the_forward_block_index(monkeypatch):
+    """kv_outer: the backward of a call uses the block index its forward built (one build per
+    call, not two) and still equals the float64 reference; after an in-place write to topk_idx,
+    with other topk values, or once the forward's lse is gone, the index is rebuilt or dropped;
+    inference mode keeps nothing."""
+    import gc
+
+    import fsagen.slc as glue
+
+    builds = []
+    real = glue.build_block_index
+    monkeypatch.setattr(glue, "build_block_index", lambda *a, **kw: builds.append(a[0]) or real(*a, **kw))
+    gen = _gen()
+    cu = random_cu_seqlens(250, 3, block_size=SLC_BS, generator=gen)
+    n = int(cu[-1])
+    idx = random_topk_idx(cu, HKV, SLC_TOPK, SLC_BS, generator=gen)
+    q, k, v = (_randn(gen, n, h, D, dtype=BF16) for h in (HKV * G, HKV, HKV))
+    do = _randn(gen, n, HKV * G, D, dtype=BF16)
+    args = (cu, SLC_BS, D ** -0.5, "kv_outer")
+    ro, rl, *rgrads = _reference(q, k, v, idx, cu, SLC_BS, do)
+
+    o, lse = torch.ops.fsagen.slc_fwd(q, k, v, idx, *args)
+    assert len(builds) == 1 and len(glue.FORWARD_INDEX) >= 1
+    grads = torch.ops.fsagen.slc_bwd(do, q, k, v, o, lse, idx, *args)
+    assert len(builds) == 1, "the backward sorted the selection again"
+    _compare(o, lse, grads, ro, rl, rgrads, BF16, f"kv_outer N={n} (forward's index)", "slc-cpu")
+
+    other = random_topk_idx(cu, HKV, SLC_TOPK, SLC_BS, generator=gen)
+    ro2, rl2, *rgrads2 = _reference(q, k, v, other, cu, SLC_BS, do)
+    o2, lse2 = torch.ops.fsagen.slc_fwd(q, k, v, other, *args)
+    idx.copy_(other)  # same values as the forward's now, but written in place after the forward
+    builds.clear()
+    grads = torch.ops.fsagen.slc_bwd(do, q, k, v, o2, lse2, idx, *args)
+    assert len(builds) == 1, "a topk_idx that is not the forward's own tensor must not reuse its index"
+    _compare(o2, lse2, grads, ro2, rl2, rgrads2, BF16, f"kv_outer N={n} (rebuilt)", "slc-cpu")
+
+    builds.clear()
+    other.add_(0)  # the forward's own tensor, written in place since
+    torch.ops.fsagen.slc_bwd(do, q, k, v, o2, lse2, other, *args)
+    assert len(builds) == 1
+
+    before = len(glue.FORWARD_INDEX)
+    del o, lse, o2, lse2
+    gc.collect()
+    assert len(glue.FORWARD_INDEX) == before - 2
+    with torch.inference_mode():
+        torch.ops.fsagen.slc_fwd(q, k, v, idx, *args)
+    assert len(glue.FORWARD_INDEX) == before - 2
