@@ -87,9 +87,8 @@ class BlockIndex:
 
 def valid_selection(topk_idx: torch.Tensor, layout: TokenLayout, block_size: int) -> torch.Tensor:
     """Entries that take part: not -1 padding and not a block after the query's own."""
-    own_block = (layout.tok_pos // block_size)[None, :, None]
-    idx = topk_idx.to(torch.int64)
-    return (idx >= 0) & (idx <= own_block)
+    own_block = (layout.tok_pos // block_size).to(topk_idx.dtype)[None, :, None]
+    return (topk_idx >= 0) & (topk_idx <= own_block)
 
 
 def build_block_index(topk_idx: torch.Tensor, layout: TokenLayout, block_size: int, h_lo: int,
@@ -106,15 +105,20 @@ def build_block_index(topk_idx: torch.Tensor, layout: TokenLayout, block_size: i
     if n_keys >= 2**31 - 1:
         raise ValueError(f"slc block index: {hc} kv heads x {n_chunks} query chunks x {nb} blocks "
                          f"overflow int32 sort keys; raise the chunk size (query_chunk={query_chunk})")
+    if hc * n * topk >= 2**31:
+        raise ValueError(f"slc block index: {hc} kv heads x {n} tokens x topk {topk} entries overflow int32")
     valid = valid_selection(topk_idx, layout, block_size)
+    # Everything per entry (hc * n * topk of them) is int32, and the per-(head, token) part of the key
+    # is formed first on the small [hc, n, 1] grid: the passes over the entries are few and narrow.
     head = torch.arange(hc, device=dev, dtype=torch.int64)[:, None, None]
     tok_chunk = (torch.arange(n, device=dev, dtype=torch.int64) // chunk)[None, :, None]
-    gblk = layout.tok_block_base[None, :, None] + topk_idx.to(torch.int64)
+    key_base = ((head * n_chunks + tok_chunk) * nb + layout.tok_block_base[None, :, None]).to(torch.int32)
     # int32 keys: the radix sort does half the passes of int64
-    key = torch.where(valid, (head * n_chunks + tok_chunk) * nb + gblk, n_keys).flatten().to(torch.int32)
+    key = (key_base + topk_idx).masked_fill_(~valid, n_keys).flatten()
     sorted_key, perm = torch.sort(key, stable=True)
-    ent_q = ((perm // topk) % n).to(torch.int32)
-    ent_k = (perm % topk).to(torch.int32)
+    ent_k = perm.to(torch.int32)
+    ent_q = torch.div(ent_k, topk, rounding_mode="floor").remainder_(n)
+    ent_k.remainder_(topk)
 
     bounds = torch.searchsorted(sorted_key, torch.arange(n_keys + 1, device=dev, dtype=torch.int32))
     count = bounds[1:] - bounds[:-1]

@@ -115,3 +115,14 @@ def test_accumulator_windows_are_whole_chunks(n, chunk, row_bytes, budget, want,
 
     monkeypatch.setenv("FSAGEN_ACC_BYTES", str(budget))
     assert _acc_windows(n, chunk, row_bytes) == want
+
+
+def test_entry_count_past_int32_is_refused():
+    """Entries are numbered in int32; a selection with 2**31 of them is refused before any work
+    (an expanded topk_idx: no memory behind it)."""
+    from types import SimpleNamespace
+
+    idx = torch.zeros(1, 1, 1, dtype=torch.int32).expand(2, 2**26, 16)
+    layout = SimpleNamespace(num_blocks_bound=1)
+    with pytest.raises(ValueError, match="overflow int32"):
+        build_block_index(idx, layout, 64, 0, 8, query_chunk=2**26)
