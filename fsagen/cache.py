@@ -246,13 +246,15 @@ class _ProfiledStage:
     __slots__ = ("function", "label", "profiler")
 
     def __init__(self, function: Callable, label: str):
-        from torch.autograd import profiler
+        import torch
 
-        self.function, self.label, self.profiler = function, label, profiler
+        self.function, self.label = function, label
+        self.profiler = torch._C._autograd._profiler_enabled, torch.autograd.profiler.record_function
 
     def __call__(self, *args):
-        if self.profiler._is_profiler_enabled:
-            with self.profiler.record_function(self.label):
+        enabled, record_function = self.profiler
+        if enabled():
+            with record_function(self.label):
                 return self.function(*args)
         return self.function(*args)
 

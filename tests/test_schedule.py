@@ -74,10 +74,13 @@ def test_sm90_dense_rule(s):
     assert plan.loop_order == order
     assert [k for k, _ in plan.knobs] == sorted(REQUIRED_KNOBS[(order, s.phase)])
     big = s.branch == "cmp"
-    assert plan.knob("rows") == (128 if big else 64) and plan.knob("keys") == (128 if big else 64)
+    keys = 64 if s.phase == "bwd" or not big else 128  # cmp's backward: 128 x 64 tiles
+    assert plan.knob("rows") == (128 if big else 64) and plan.knob("keys") == keys
     if s.phase == "bwd":
         assert plan.knob("bwd_threads") == (256 if big else 128)
         assert plan.knob("q_split") == (4096 if big else 0)
+        if s.branch != "sel":
+            assert plan.knob("dkdv_rows") == "gather_async"
     else:
         assert plan.knob("threads") == (256 if big else 128)
         if s.branch != "sel":
@@ -161,7 +164,7 @@ def _schedule(tmp_path, text) -> Path:
     (("chunk_rows = 16384", "chunk_rows = -1"), r"knob 'chunk_rows'=-1 must be >= 0"),
     (("rows = 64", "rows = 60"), r"knob 'rows'=60 must be a positive multiple of 16"),
     (("[knobs.q_outer]", "[knobs.diag]\nthreads = 1\n[knobs.q_outer]"), r"\[knobs.diag\]: unknown loop order"),
-    (('loop_order = "q_outer"', 'loop_order = "diag"'), r"\[\[rules\]\] #4: loop_order='diag'"),
+    (('loop_order = "q_outer"', 'loop_order = "diag"'), r"\[\[rules\]\] #6: loop_order='diag'"),
     (('when = { branch = "slc", phase = "fwd" }', "when = { heads = 8 }"), r"unknown KernelSpec field 'heads'"),
     (("keys = 64", "keys = 40"), r"\[knobs.dense\]: knob 'keys'=40 must be a positive multiple of 16"),
     (("keys = 64", "keys = 0"), r"\[knobs.dense\]: knob 'keys'=0 must be a positive multiple of 16"),
@@ -173,12 +176,12 @@ def _schedule(tmp_path, text) -> Path:
     (("[supports]", "[supports]\nswa = [64]"), r"\[supports.swa\] must be a table of conditions"),
     (('when = { branch = "swa" }', 'when = { branch = "swa" }\nknobs = {}'), None),
     (('when = { branch = "cmp" }\nloop_order = "dense"', 'when = { branch = "cmp" }\nloop_order = "kv_outer"'),
-     r"\[\[rules\]\] #1: loop_order='kv_outer' cannot run branch\(es\) \['cmp'\]"),
+     r"\[\[rules\]\] #2: loop_order='kv_outer' cannot run branch\(es\) \['cmp'\]"),
     (('when = { branch = "slc", phase = "fwd" }', 'when = { branch = ["sel", "swa"], phase = "fwd" }'),
-     r"\[\[rules\]\] #5: loop_order='kv_outer' cannot run branch\(es\) \['swa', 'sel'\]"),
+     r"\[\[rules\]\] #8: loop_order='kv_outer' cannot run branch\(es\) \['swa', 'sel'\]"),
     (('when = { branch = "cmp" }', 'when = { branch = ["cmp", "swab"] }'), None),
     (('when = { branch = "cmp" }', 'when = { branch = "cmpx" }'),
-     r"\[\[rules\]\] #1: when branch == 'cmpx' matches no branch"),
+     r"\[\[rules\]\] #2: when branch == 'cmpx' matches no branch"),
     (("[target]", "[targets]\n[target]"), r"unknown table"),
 ])
 def test_schedule_file_errors_name_file_and_knob(tmp_path, edit, pattern):
@@ -226,7 +229,8 @@ def test_rules_for_other_branches_are_skipped(tmp_path):
     assert schedule.plan(cmp_spec()).loop_order == "dense"
     assert schedule.plan(sel_spec()).loop_order == "sel"
     # no rule for cmp: unsupported, not a plan of a loop order it cannot use
-    cmp_rule = BASE[BASE.index('when = { branch = "cmp" }'):BASE.index("[[rules]]", BASE.index('branch = "cmp"'))]
+    start = BASE.index('when = { branch = "cmp" }')
+    cmp_rule = BASE[start:BASE.index("[[rules]]", start)]
     text = BASE.replace(cmp_rule, 'when = { phase = "fwd" }\nloop_order = "kv_outer"\n\n', 1)
     schedule = Schedule.from_file(_schedule(tmp_path, text))
     with pytest.raises(UnsupportedSpec, match=r"no rule of schedule sm99 .* matches cmp_fwd"):
