@@ -18,6 +18,7 @@
 #   newtests  the GPU tests of the knobs and kernels not yet run on a GPU: gated sum, dense dK/dV by
 #           head rows, kv-outer query chunks in several accumulator windows, kv-outer async gather
 #           -> LOGDIR/gpu_errors.log
+#   profile  bench/profile_slc.py (G 1 4 16): GPU time per generated stage and per glue op -> LOGDIR/slc_profile_kernels.md
 #   sweep_dense / sweep_q / sweep_kv / sweep_kvbwd  bench/sweep.py of bench/variants/{dense_dkdv,
 #           q_outer_occupancy, kv_outer_occupancy, kv_bwd}.toml (build on 16 cores, check, time)
 #           -> LOGDIR/sweep_*.md
@@ -79,6 +80,7 @@ for part in "$@"; do
     newtests) run_part newtests 500 python3 -m pytest -q -m gpu tests/gpu/test_gate_gpu.py \
              "tests/gpu/test_dense_gpu.py::test_dense_backward_dkdv_modes" \
              "tests/gpu/test_slc_gpu.py::test_kv_outer_query_chunks" "tests/gpu/test_slc_gpu.py::test_kv_outer_async_gather" ;;
+    profile) run_part profile 300 python3 bench/profile_slc.py --groups 1 4 16 --out "$log" ;;
     sweep_dense) run_part sweep_dense 560 python3 bench/sweep.py bench/variants/dense_dkdv.toml --groups 1 4 16 \
              --jobs 16 --out "$log" ;;
     sweep_q) run_part sweep_q 400 python3 bench/sweep.py bench/variants/q_outer_occupancy.toml --groups 8 16 \
@@ -87,7 +89,7 @@ for part in "$@"; do
              --jobs 16 --out "$log" ;;
     sweep_kvbwd) run_part sweep_kvbwd 560 python3 bench/sweep.py bench/variants/kv_bwd.toml --groups 1 4 8 16 \
              --jobs 16 --out "$log" ;;
-    *) echo "unknown part $part (build smoke bench llama ddp1 ddp2 recall_nsa recall_dense prebuild newtests sweep_dense" \
+    *) echo "unknown part $part (build smoke bench llama ddp1 ddp2 recall_nsa recall_dense prebuild newtests profile sweep_dense" \
          "sweep_q sweep_kv sweep_kvbwd)" \
          | tee -a "$log/summary.txt" ;;
   esac
