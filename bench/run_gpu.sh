@@ -15,8 +15,8 @@
 #   recall_nsa / recall_dense  examples/train_recall.py, easier setting, 4000 steps, with the NSA layer
 #           and with its dense-attention control -> LOGDIR/recall_*/loss.{csv,png}
 #   prebuild  bench/prebuild_gpu_tests.py: compile newtests' artifacts on 16 cores (run it first)
-#   newtests  the GPU tests of the knobs and kernels not yet run on a GPU: gated sum, dense dK/dV by
-#           head rows, kv-outer query chunks in several accumulator windows, kv-outer async gather
+#   newtests  the GPU tests of the knobs and kernels not yet run on a GPU: gated sum, dense dK/dV with
+#           gather_async rows, kv-outer query chunks in several accumulator windows, kv-outer async gather
 #           -> LOGDIR/gpu_errors.log
 #   profile  bench/profile_slc.py (G 1 4 16): GPU time per generated stage and per glue op -> LOGDIR/slc_profile_kernels.md
 #   sweep_dense / sweep_q / sweep_kv / sweep_kvbwd  bench/sweep.py of bench/variants/{dense_dkdv,

@@ -5,8 +5,8 @@ values on the host, so the launches are capturable in a CUDA graph.
 
 ``arg_a`` / ``arg_b`` are the branch's runtime mask parameters: (kernel_size, stride) for cmp,
 (window_size, unused) for swa. Memory: besides the outputs, float32 ``[N, Hq]`` row statistics
-only (two copies of them with ``dkdv_rows = "head"``; every gradient is accumulated in registers
-and stored once, or, with ``q_split``, added into float32 dK / dV buffers).
+only (every gradient is accumulated in registers and stored once, or, with ``q_split``, added
+into float32 dK / dV buffers).
 """
 import math
 
@@ -52,8 +52,6 @@ def dense_backward(kern, plan, do, q, k, v, o, lse, cu_q, cu_k, arg_a, arg_b, sc
     q_tiles = seq_tiles(cu_q, n, plan.knob("rows") // (hq // hkv))
     kern["dense_bwd_dq"](q, k, v, do, q_tiles, cu_q, cu_k, lse2, delta, dq, a, b, s)
     k_tiles = seq_tiles(cu_k, nk, plan.knob("keys"))
-    if plan.knob("dkdv_rows") == "head":  # its query tiles read the statistics of one head's rows
-        lse2, delta = head_major_stats(lse2), head_major_stats(delta)
     q_split = plan.knob("q_split")
     if q_split == 0:
         runs = torch.zeros_like(k_tiles[:, :1])
@@ -69,15 +67,6 @@ def dense_backward(kern, plan, do, q, k, v, o, lse, cu_q, cu_k, arg_a, arg_b, sc
     dv_acc = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
     kern["dense_bwd_dkdv"](q, k, v, do, work, cu_q, cu_k, lse2, delta, dk_acc, dv_acc, a, b, s)
     return dq, dk.copy_(dk_acc), dv.copy_(dv_acc)
-
-
-def head_major_stats(stat):
-    """``[N, Hq]`` row statistics as ``[Hq, NS]``, NS = N rounded up to a multiple of 4 (a TMA row
-    pitch is a multiple of 16 bytes), zeros past N: the layout ``dkdv_rows = "head"`` reads."""
-    n, hq = stat.shape
-    out = torch.zeros((hq, -(-n // 4) * 4), dtype=stat.dtype, device=stat.device)
-    out[:, :n] = stat.t()
-    return out
 
 
 def query_span(branch, num_queries, arg_a, keys):

@@ -46,7 +46,7 @@ KNOBS: dict[str, tuple[type, object, str]] = {
     "q_keys": (int, lambda v: v >= 0 and v % 16 == 0, "0 or a positive multiple of 16"),
     "q_ctas_per_sm": (int, lambda v: v >= 0, ">= 0"),
     "ctas_per_sm": (int, lambda v: v >= 0, ">= 0"),
-    "dkdv_rows": (str, lambda v: v in ("gather", "gather_async", "head"), 'one of "gather", "gather_async", "head"'),
+    "dkdv_rows": (str, lambda v: v in ("gather", "gather_async"), 'one of "gather", "gather_async"'),
     "gather": (str, lambda v: v in ("sync", "async"), 'one of "sync", "async"'),
 }
 
@@ -55,10 +55,8 @@ KNOBS: dict[str, tuple[type, object, str]] = {
 GLUE_KNOBS = frozenset({"chunk_rows"})
 
 # Knob values that need a newer GPU than the schedule's [target] arch: (knob, value) -> the lowest
-# SM version that can run them (scatter "tma": TMA bulk reduce-adds, Hopper and later; dkdv_rows
-# "head": its pipelined query loop lowers only warp-specialised with TMA in TileLang 0.1.15, whose
-# sm_80 cp.async pipeline fails to generate code for it at 2 stages).
-KNOB_MIN_SM = {("scatter", "tma"): 90, ("dkdv_rows", "head"): 90}
+# SM version that can run them (scatter "tma": TMA bulk reduce-adds, Hopper and later).
+KNOB_MIN_SM = {("scatter", "tma"): 90}
 
 
 def required_knobs(loop_order: str, phase: str) -> tuple[str, ...]:

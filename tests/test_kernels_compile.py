@@ -107,31 +107,6 @@ def test_occupancy_knobs_reach_the_compiler(edited_schedule, tmp_path):
                 assert max(info["shared_memory_bytes"].values()) < 48 * 1024, info["shared_memory_bytes"]
 
 
-@pytest.mark.parametrize("branch,knobs", [
-    ("swa", ""),
-    ("cmp", ", rows = 128, keys = 64, bwd_threads = 256, q_split = 4096"),
-])
-def test_dense_head_rows_are_a_tma_pipeline(edited_schedule, tmp_path, branch, knobs):
-    """``dkdv_rows = "head"``: Q, dO and both row statistics of the dK/dV stage arrive by TMA in a
-    warp-specialised loop (the gather stage has none of that), within the shared-memory limit."""
-    from fsagen.cache import ensure_artifact
-    from fsagen.spec import KernelSpec
-
-    edited_schedule("sm90", "[[rules]]", f'[[rules]]\nwhen = {{ branch = "{branch}", phase = "bwd" }}\n'
-                    f'loop_order = "dense"\nknobs = {{ dkdv_rows = "head"{knobs} }}\n\n[[rules]]')
-    sched = load_schedule("sm90")
-    spec = KernelSpec(branch, "bwd", 4, 128, 0, 0, "bfloat16")
-    path, _ = ensure_artifact(spec, sched.plan(spec), "sm90", root=tmp_path)
-    meta = json.loads(open(os.path.join(path, "meta.json")).read())
-    stages = {stage: (info, source) for stage, info, _, source in _stages(meta, path)}
-    info, source = stages["dense_bwd_dkdv"]
-    for tensor in ("Q", "dO", "lse2", "delta"):
-        assert f"tma_load({tensor}_desc" in source, tensor
-    assert "warpgroup_reg_alloc" in source  # producer / consumer warps
-    assert all(n <= 227 * 1024 for n in info["shared_memory_bytes"].values()), info["shared_memory_bytes"]
-    assert "tma_load(Q_desc" not in stages["dense_bwd_dq"][1]  # the dq stage still gathers
-
-
 def test_dense_gather_async_is_cp_async(edited_schedule, tmp_path):
     """``dkdv_rows = "gather_async"``: the dK/dV stage copies its rows with 16-byte cp.async and
     leaves the next tile in flight (``wait_group 1``); the dq stage still gathers."""
@@ -145,14 +120,6 @@ def test_dense_gather_async_is_cp_async(edited_schedule, tmp_path):
     sources = {stage: source for stage, _, _, source in _stages(meta, path)}
     assert "cp_async_gs_conditional<16>" in sources["dense_bwd_dkdv"] and "cp_async_wait<1>" in sources["dense_bwd_dkdv"]
     assert "cp_async" not in sources["dense_bwd_dq"]
-
-
-def test_dense_head_rows_need_sm90(edited_schedule):
-    from fsagen.errors import ScheduleError
-
-    edited_schedule("sm80", 'dkdv_rows = "gather"', 'dkdv_rows = "head"')
-    with pytest.raises(ScheduleError, match="dkdv_rows.*needs sm_90"):
-        load_schedule("sm80")
 
 
 @pytest.mark.parametrize("arch", ["sm90", "sm80"])

@@ -169,6 +169,8 @@ def _schedule(tmp_path, text) -> Path:
     (("keys = 64", "keys = 40"), r"\[knobs.dense\]: knob 'keys'=40 must be a positive multiple of 16"),
     (("keys = 64", "keys = 0"), r"\[knobs.dense\]: knob 'keys'=0 must be a positive multiple of 16"),
     (("q_split = 0", "q_split = -1"), r"\[knobs.dense\]: knob 'q_split'=-1 must be >= 0"),
+    (('dkdv_rows = "gather"', 'dkdv_rows = "head"'),  # a TMA row mode that was removed
+     r"\[knobs.dense\]: knob 'dkdv_rows'='head' must be one of \"gather\", \"gather_async\"$"),
     (("[supports.slc]", "[supports.slc]\nheads = 8"), r"\[supports.slc\]: unknown KernelSpec field 'heads'"),
     (("[supports.sel]\nblock_size = [64, 128]", "[supports.sel]\nblock_size = { lo = 64 }"),
      r"\[supports.sel\]: block_size range must have only 'min' and/or 'max'"),

@@ -54,13 +54,13 @@ def test_variant_becomes_the_schedule(sweep, tmp_path, monkeypatch, G):
 def test_dense_variant_becomes_the_schedule_of_its_branch_only(sweep, tmp_path):
     """A swa variant's rule matches swa's backward only: cmp and slc keep the shipped plans."""
     shipped = schedule.load_schedule("sm90")
-    variant = {"name": "swa_head", "branch": "swa", "phase": "bwd", "loop_order": "dense",
-               "knobs": {"dkdv_rows": "head", "rows": 128}}
+    variant = {"name": "swa_gasync128", "branch": "swa", "phase": "bwd", "loop_order": "dense",
+               "knobs": {"dkdv_rows": "gather_async", "rows": 128}}
     base = schedules_dir()
     try:
         sweep.use_variant(variant, "sm90", tmp_path, base)
         plan = schedule.load_schedule("sm90").plan(KernelSpec("swa", "bwd", 4, 128, 0, 0, "bfloat16"))
-        assert (plan.knob("dkdv_rows"), plan.knob("rows")) == ("head", 128)
+        assert (plan.knob("dkdv_rows"), plan.knob("rows")) == ("gather_async", 128)
         for other in (KernelSpec("cmp", "bwd", 4, 128, 0, 0, "bfloat16"), KernelSpec("swa", "fwd", 4, 128, 0, 0, "bfloat16"),
                       KernelSpec("slc", "bwd", 4, 128, 64, 16, "bfloat16")):
             assert schedule.load_schedule("sm90").plan(other) == shipped.plan(other)

@@ -112,7 +112,7 @@ def _dense_builders(spec, plan, dtype, dl):
                                                    knob("keys"), knob("bwd_threads"), knob("num_stages"), dl),
         "dense_bwd_dkdv": lambda: dense.dense_bwd_dkdv(spec.branch, G, D, DV, dtype, knob("rows"),
                                                        knob("keys"), knob("bwd_threads"), knob("q_split"),
-                                                       knob("dkdv_rows"), knob("num_stages"), dl),
+                                                       knob("dkdv_rows"), dl),
         "row_dot": lambda: slc.row_dot(DV, dtype, 128, dl),
     }
 

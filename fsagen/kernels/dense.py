@@ -23,8 +23,8 @@ sequence s are rows ``cu_q[s]..cu_q[s+1]`` of Q, its keys rows ``cu_k[s]..cu_k[s
   a few ms for the recomputation.)
 * ``dense_bwd_dkdv``: one CTA per (key tile, kv head): dK and dV of the tile stay in registers
   over every query tile that sees it and are stored once (each key belongs to exactly one tile).
-  Its query tiles are either gathered like the forward's (G heads a token) or, with
-  ``dkdv_rows = "head"``, consecutive rows of one head copied by TMA in a pipelined loop.
+  Its query tiles are gathered like the forward's (G heads a token), with loads that block or,
+  with ``dkdv_rows = "gather_async"``, copied a tile ahead by ``cp.async``.
 
 Tile tables (``[tiles, 2]`` = (sequence, first position), ``-1`` sequence for padding) are built
 on the GPU by ``fsagen.tile_index`` without host synchronisation.
@@ -275,12 +275,11 @@ def dense_bwd_dq(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, ke
     return main
 
 
-DKDV_ROWS = ("gather", "gather_async", "head")
+DKDV_ROWS = ("gather", "gather_async")
 
 
 def dense_bwd_dkdv(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, keys: int,
-                   threads: int, q_split: int, dkdv_rows: str = "gather", num_stages: int = 1,
-                   dl: Dialect = SIMT):
+                   threads: int, q_split: int, dkdv_rows: str = "gather", dl: Dialect = SIMT):
     """dK, dV by key tiles: each key tile's gradients stay in registers over the query tiles that
     see it. ``q_split == 0``: one CTA takes all of them and stores dK/dV once (a key belongs to
     one tile: no atomics). ``q_split > 0``: the queries are cut into runs of ``q_split``
@@ -295,26 +294,21 @@ def dense_bwd_dkdv(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, 
       the threads gather them with loads that block, and the query loop is serial.
     * ``"gather_async"``: the same tiles, the next one's Q and dO rows copied by ``cp.async`` into
       second tiles while the current one computes (``tiles.make_issue_run_tile``).
-    * ``"head"``: ``rows`` consecutive queries of one head; the loop runs over (query tile,
-      head). Each tile of Q and dO is then one box, copied by TMA in a loop software-pipelined
-      over ``num_stages`` tiles. The row statistics must then come transposed, ``[Hq, NS]`` with
-      ``NS >= N`` a multiple of 4 (a TMA row pitch is a multiple of 16 bytes; the glue pads with 0).
-      Rows past the sequence's end are read and masked: their P and dS are 0.
+
+    (A third mode, ``rows`` consecutive queries of one head copied by TMA in a warp-specialised
+    pipeline, compiled but hit "illegal instruction" on the H100 in every shape tried, and was
+    removed: bench/results/gpu_tests_newknobs.md.)
     """
     if dkdv_rows not in DKDV_ROWS:
         raise ValueError(f"dense_bwd_dkdv: dkdv_rows={dkdv_rows!r} must be one of {DKDV_ROWS}")
-    by_head = dkdv_rows == "head"
     by_async = dkdv_rows == "gather_async"
     split = q_split > 0
     io = dl.io(dtype)
     GRAD = ACCUM if split else io.tensor
-    if rows % G and not by_head:
+    if rows % G:
         raise ValueError(f"dense_bwd_dkdv: rows={rows} must be a multiple of G={G}")
     R, BN = rows, keys
-    BQ = R if by_head else R // G  # query positions per tile
-
-    def row_pos(p0, r):
-        return p0 + r if by_head else p0 + r // G
+    BQ = R // G  # query positions per tile
 
     visible = make_visible(branch)
     q_first, q_end = query_range(branch)
@@ -324,14 +318,9 @@ def dense_bwd_dkdv(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, 
     def clip_run(first, end):
         return T.min(end, first + q_split) if split else end
     N, NK, HQ, HKV, NT, B1 = T.dynamic("N, NK, HQ, HKV, NT, B1")
-    stat_shape = (HQ, T.dynamic("NS")) if by_head else (N, HQ)
     copy_k = dl.make_copy_rows(BN, D, io)
     copy_v = dl.make_copy_rows(BN, DV, io)
-    if by_head:
-        copy_q = dl.make_copy_rows(R, D, io)
-        copy_do = dl.make_copy_rows(R, DV, io)
-        copy_stat = dl.make_copy_span(R)
-    elif by_async:
+    if by_async:
         tile_stats = make_query_tile_stats(R, G, dl)
         issue_q = make_issue_run_tile(R, D, G, dl, io)
         issue_do = make_issue_run_tile(R, DV, G, dl, io)
@@ -346,7 +335,7 @@ def dense_bwd_dkdv(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, 
         T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
         for r, c in dl.par(R, BN):
             acc_s[r, c] = T.if_then_else(
-                visible(row_pos(p0, r), p_hi, j0 + c, j1, arg_a, arg_b),
+                visible(p0 + r // G, p_hi, j0 + c, j1, arg_a, arg_b),
                 T.exp2(acc_s[r, c] * (sm_scale * LOG2E) - row_lse2[r]),
                 0,
             )
@@ -381,8 +370,8 @@ def dense_bwd_dkdv(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, 
         tiles: T.Tensor((NT, 3), INDEX),
         cu_q: T.Tensor((B1,), INDEX),
         cu_k: T.Tensor((B1,), INDEX),
-        lse2: T.Tensor(stat_shape, ACCUM),
-        delta: T.Tensor(stat_shape, ACCUM),
+        lse2: T.Tensor((N, HQ), ACCUM),
+        delta: T.Tensor((N, HQ), ACCUM),
         dK: T.Tensor((NK, HKV, D), GRAD),
         dV: T.Tensor((NK, HKV, DV), GRAD),
         arg_a: T.int32,
@@ -396,7 +385,7 @@ def dense_bwd_dkdv(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, 
             dO_s = dl.alloc_tile((R, DV), io.tile)
             P_s = dl.alloc_tile((R, BN), io.tile)
             dS_s = dl.alloc_tile((R, BN), io.tile)
-            row_tok = None if by_head else dl.alloc_tile((R,), INDEX)
+            row_tok = dl.alloc_tile((R,), INDEX)
             row_lse2 = dl.alloc_tile((R,), ACCUM)
             row_delta = dl.alloc_tile((R,), ACCUM)
             acc_s = dl.alloc_acc((R, BN), ACCUM)
@@ -419,17 +408,7 @@ def dense_bwd_dkdv(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, 
                 copy_v(V, h, k0 + j0, NK, V_s)
                 T.clear(acc_dk)
                 T.clear(acc_dv)
-                if by_head:
-                    for it in T.Pipelined(T.ceildiv(T.max(p_hi - p_lo, 0), BQ) * G, num_stages=num_stages):
-                        p0 = p_lo + (it // G) * BQ
-                        head = h * G + it % G
-                        copy_q(Q, head, q0 + p0, N, Q_s)
-                        copy_do(dO, head, q0 + p0, N, dO_s)
-                        copy_stat(lse2, head, q0 + p0, N, row_lse2)
-                        copy_stat(delta, head, q0 + p0, N, row_delta)
-                        tile_grads(K_s, V_s, Q_s, dO_s, P_s, dS_s, row_lse2, row_delta, acc_s, acc_dp,
-                                   acc_dk, acc_dv, p0, p_hi, j0, j1, arg_a, arg_b, sm_scale)
-                elif by_async:
+                if by_async:
                     n_tiles = T.ceildiv(T.max(p_hi - p_lo, 0), BQ)
                     issue_q(Q, h, q0, p_lo, p_hi, 0, Q_s)
                     issue_do(dO, h, q0, p_lo, p_hi, 0, dO_s)

@@ -185,27 +185,6 @@ class Dialect:
 
         return copy_rows
 
-    def make_copy_span(self, n: int):
-        """``copy_span(src, row, first, end, dst)``: ``dst[i] = src[row, first + i]`` for the ``n``
-        elements of ``dst`` (a contiguous run of one row of a 2-D float32 tensor), 0 at or past
-        ``end``. On a GPU TileLang's tile copy (TMA where the row pitch allows: the caller pads the
-        row length to 16 bytes; ``end`` is not read, elements past it are the caller's to mask);
-        on the CPU a guarded element loop."""
-        if self.simt:
-
-            @T.macro
-            def copy_span(src, row, first, end, dst):
-                T.copy(src[row, first:first + n], dst)
-
-            return copy_span
-
-        @T.macro
-        def copy_span(src, row, first, end, dst):
-            for i in self.par(n):
-                dst[i] = T.if_then_else(first + i < end, src[row, first + i], 0)
-
-        return copy_span
-
     def commit_async(self):
         """Close this thread's asynchronous copies issued so far (``tiles.make_issue_item_tile``)
         into one group; nothing on the CPU, whose copies are synchronous."""

@@ -218,14 +218,10 @@ def test_select_blocks(G, D, ks, s, bs, dtype, layout):
     assert recall > 0.99, f"{case}: recall {recall:.4f} of the reference's blocks"
 
 
-# dK / dV in the other row modes (dkdv_rows "head": one head's rows by TMA in a pipelined loop;
-# "gather_async": the gathered tiles, the next one's copied by cp.async): the shapes a sweep may pick
-# (bench/variants/dense_dkdv.toml), with the shipped rules' other knobs
+# dK / dV in the other row mode (dkdv_rows "gather_async": the gathered tiles, the next one's copied
+# by cp.async): the shapes a sweep may pick (bench/variants/dense_dkdv.toml), with the shipped
+# rules' other knobs
 DKDV_VARIANTS = {
-    "swa-head-r64": ("swa", "head", "rows = 64, keys = 64, bwd_threads = 128"),
-    "swa-head-r128": ("swa", "head", "rows = 128, keys = 64, bwd_threads = 256"),
-    "cmp-head-r128": ("cmp", "head", "rows = 128, keys = 64, bwd_threads = 256, q_split = 4096"),
-    "cmp-head-r64-runs": ("cmp", "head", "rows = 64, keys = 64, bwd_threads = 128, q_split = 256"),
     "swa-async-r64": ("swa", "gather_async", "rows = 64, keys = 64, bwd_threads = 128"),
     "cmp-async-r128-runs": ("cmp", "gather_async", "rows = 128, keys = 64, bwd_threads = 256, q_split = 256"),
 }
