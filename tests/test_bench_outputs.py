@@ -75,3 +75,16 @@ def test_no_gpu_exits_2(bench, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("has a GPU")
     assert bench.main(["--quick", "--out", str(tmp_path)]) == 2
+
+
+def test_profile_slc_without_gpu_exits_2(tmp_path, capsys):
+    """bench/profile_slc.py: a clear refusal on a machine without CUDA, nothing written."""
+    import torch
+    from conftest import load_script
+
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    profile = load_script("bench/profile_slc.py")
+    assert profile.main(["--groups", "1", "--out", str(tmp_path)]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
