@@ -29,14 +29,37 @@
 #   bash bench/run_gpu.sh $OUT build smoke llama ddp1      (H100)
 #   bash bench/run_gpu.sh $OUT bench                       (H100, same warm machine: kernels built)
 #   bash bench/run_gpu.sh $OUT build ddp2                  (nvidia-h200-x2)
+#
+# Compile ahead on the CPU machine (device time is scarce; compiling there costs nothing):
+#   FSAGEN_BUILD_ONLY=1 FSAGEN_CACHE_DIR=/tmp/pre bash bench/run_gpu.sh /tmp/prelog build newtests sweep_kv
+#   tar -C /tmp/pre -cJf .gpu/prebuilt.tar.xz sm90     # a few MB; carry .gpu
+# compiles every artifact those parts load (GPU-only parts are skipped), and on the GPU machine
+#   FSAGEN_PREBUILT=.gpu/prebuilt.tar.xz bash bench/run_gpu.sh $OUT build newtests sweep_kv
+# unpacks them into the user cache first, so the parts load instead of compiling.
 set -uo pipefail
 if [ $# -lt 2 ]; then
-  sed -n '2,30p' "$0"; exit 2
+  sed -n '2,38p' "$0"; exit 2
 fi
 log=$1; shift
 mkdir -p "$log"; log=$(cd "$log" && pwd)
-# shellcheck disable=SC1091
-source .gpu/env.sh || { echo "source .gpu/env.sh failed (see ../shared/gpu/README.md)" | tee -a "$log/summary.txt"; exit 1; }
+BUILD_ONLY=${FSAGEN_BUILD_ONLY:-0}
+if [ "$BUILD_ONLY" = 1 ]; then
+  jobs=$(nproc)
+  [ -n "${FSAGEN_CACHE_DIR:-}" ] || { echo "FSAGEN_BUILD_ONLY=1 needs FSAGEN_CACHE_DIR (the folder to pack)"; exit 2; }
+else
+  jobs=16
+  # shellcheck disable=SC1091
+  source .gpu/env.sh || { echo "source .gpu/env.sh failed (see ../shared/gpu/README.md)" | tee -a "$log/summary.txt"; exit 1; }
+  if [ -n "${FSAGEN_PREBUILT:-}" ]; then
+    export FSAGEN_CACHE_DIR=${FSAGEN_CACHE_DIR:-/tmp/fsagen-prebuilt}
+    mkdir -p "$FSAGEN_CACHE_DIR" && tar -C "$FSAGEN_CACHE_DIR" -xJf "$FSAGEN_PREBUILT" \
+      && echo "prebuilt: $(ls "$FSAGEN_CACHE_DIR"/sm90 | wc -l) artifacts in $FSAGEN_CACHE_DIR" | tee -a "$log/summary.txt"
+  fi
+fi
+sweep_flags=(--jobs "$jobs"); [ "$BUILD_ONLY" = 1 ] && sweep_flags+=(--build-only)
+# where `build` writes: the repo's generated/ on the GPU machine, the folder to pack when building ahead
+# (and with FSAGEN_PREBUILT, that same folder: the packed artifacts are then up to date)
+build_out=(); [ "$BUILD_ONLY" = 1 ] || [ -n "${FSAGEN_PREBUILT:-}" ] && build_out=(--out "$FSAGEN_CACHE_DIR")
 export FSAGEN_GPU_LOG=${FSAGEN_GPU_LOG:-$log/gpu_errors.log}
 
 hf_path() {  # transformers from the bundle, behind the machine's own packages, unless it has its own
@@ -51,6 +74,7 @@ hf_path() {  # transformers from the bundle, behind the machine's own packages, 
 
 run_part() {  # NAME SECONDS COMMAND...
   local name=$1 secs=$2; shift 2
+  [ "$BUILD_ONLY" = 1 ] && secs=7200  # compiling on a few CPU cores takes longer than a device call
   local t0=$SECONDS
   echo "== $name: $*" | tee "$log/$name.log"
   timeout --kill-after=10 "$secs" "$@" >>"$log/$name.log" 2>&1
@@ -61,8 +85,16 @@ run_part() {  # NAME SECONDS COMMAND...
 }
 
 for part in "$@"; do
+  if [ "$BUILD_ONLY" = 1 ]; then
+    case $part in
+      build|prebuild|sweep_*) ;;
+      newtests) part=prebuild ;;  # the tests' artifacts are exactly what prebuild compiles
+      *) echo "$part: needs the GPU, skipped (FSAGEN_BUILD_ONLY=1)" | tee -a "$log/summary.txt"; continue ;;
+    esac
+  fi
   case $part in
-    build) run_part build 540 python3 -m fsagen.cli build --arch sm90 --grid bench/grids/layer_gpu.toml --jobs 16 ;;
+    build) run_part build 540 python3 -m fsagen.cli build --arch sm90 --grid bench/grids/layer_gpu.toml --jobs "$jobs" \
+             "${build_out[@]}" ;;
     smoke) run_part smoke 300 python3 bench/bench_layer.py --smoke --out "$log/smoke" ;;
     bench) run_part bench 590 python3 bench/bench_layer.py --out "$log/results" ;;
     llama) if hf_path >"$log/llama_env.log" 2>&1; then
@@ -73,7 +105,7 @@ for part in "$@"; do
     ddp1)  run_part ddp1 400 python3 examples/ddp_train.py --out "$log/ddp_world1.md" ;;
     ddp2)  run_part ddp2 500 python3 -m torch.distributed.run --standalone --nproc_per_node 2 examples/ddp_train.py \
              --out "$log/ddp_world2.md" ;;
-    prebuild) run_part prebuild 500 python3 bench/prebuild_gpu_tests.py --jobs 16 ;;
+    prebuild) run_part prebuild 500 python3 bench/prebuild_gpu_tests.py --jobs "$jobs" ;;
     recall_nsa|recall_dense)  # the easier recall setting (bench/results/train_recall.md), NSA and its dense control
            run_part "$part" 560 python3 examples/train_recall.py --attention "${part#recall_}" --pairs 16 --queries 16 \
              --keys 64 --values 64 --lr 3e-3 --steps 4000 --log-every 200 --out "$log/$part" ;;
@@ -82,13 +114,13 @@ for part in "$@"; do
              "tests/gpu/test_slc_gpu.py::test_kv_outer_query_chunks" "tests/gpu/test_slc_gpu.py::test_kv_outer_async_gather" ;;
     profile) run_part profile 300 python3 bench/profile_slc.py --groups 1 4 16 --out "$log" ;;
     sweep_dense) run_part sweep_dense 560 python3 bench/sweep.py bench/variants/dense_dkdv.toml --groups 1 4 16 \
-             --jobs 16 --out "$log" ;;
+             "${sweep_flags[@]}" --out "$log" ;;
     sweep_q) run_part sweep_q 400 python3 bench/sweep.py bench/variants/q_outer_occupancy.toml --groups 8 16 \
-             --jobs 16 --out "$log" ;;
+             "${sweep_flags[@]}" --out "$log" ;;
     sweep_kv) run_part sweep_kv 560 python3 bench/sweep.py bench/variants/kv_outer_occupancy.toml --groups 1 4 8 16 \
-             --jobs 16 --out "$log" ;;
+             "${sweep_flags[@]}" --out "$log" ;;
     sweep_kvbwd) run_part sweep_kvbwd 560 python3 bench/sweep.py bench/variants/kv_bwd.toml --groups 1 4 8 16 \
-             --jobs 16 --out "$log" ;;
+             "${sweep_flags[@]}" --out "$log" ;;
     *) echo "unknown part $part (build smoke bench llama ddp1 ddp2 recall_nsa recall_dense prebuild newtests profile sweep_dense" \
          "sweep_q sweep_kv sweep_kvbwd)" \
          | tee -a "$log/summary.txt" ;;

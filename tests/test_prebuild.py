@@ -46,3 +46,23 @@ def test_edited_plans_are_the_tests_plans(prebuild, tmp_path, restore_schedules)
             assert plan.loop_order == "kv_outer" and plan.knob("gather") == "async", spec.name
         elif spec.branch == "slc":  # the query-chunk test: the shipped schedule's kv_outer plan
             assert plan == schedule.load_schedule("sm90").plan(spec, loop_order="kv_outer"), spec.name
+
+
+def test_run_gpu_build_only_mode(tmp_path):
+    """bench/run_gpu.sh with FSAGEN_BUILD_ONLY=1 (compiling ahead on a CPU machine): GPU-only parts
+    are skipped and said so, nothing sources .gpu/env.sh, and the cache folder to pack is required."""
+    import subprocess
+
+    from conftest import REPO
+
+    env = {k: v for k, v in os.environ.items() if k not in ("FSAGEN_CACHE_DIR", "FSAGEN_PREBUILT")}
+    env["FSAGEN_BUILD_ONLY"] = "1"
+    cmd = ["bash", str(REPO / "bench" / "run_gpu.sh"), str(tmp_path / "log"), "smoke", "profile", "recall_nsa"]
+    refused = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "needs FSAGEN_CACHE_DIR" in refused.stdout
+    env["FSAGEN_CACHE_DIR"] = str(tmp_path / "cache")
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = (tmp_path / "log" / "summary.txt").read_text()
+    for part in ("smoke", "profile", "recall_nsa"):
+        assert f"{part}: needs the GPU, skipped" in summary
