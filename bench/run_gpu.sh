@@ -15,6 +15,8 @@
 #   recall_nsa / recall_dense  examples/train_recall.py, easier setting, 4000 steps, with the NSA layer
 #           and with its dense-attention control -> LOGDIR/recall_*/loss.{csv,png}
 #   prebuild  bench/prebuild_gpu_tests.py: compile newtests' artifacts on 16 cores (run it first)
+#   slctests  every slc GPU test (tests/gpu/test_slc_gpu.py: the whole grid in both loop orders, special
+#           cases, opcheck, torch.compile, CUDA-graph capture) -> LOGDIR/gpu_errors.log
 #   newtests  the GPU tests of the knobs and kernels not yet run on a GPU: gated sum, dense dK/dV with
 #           gather_async rows, kv-outer query chunks in several accumulator windows, kv-outer async gather
 #           -> LOGDIR/gpu_errors.log
@@ -87,7 +89,7 @@ run_part() {  # NAME SECONDS COMMAND...
 for part in "$@"; do
   if [ "$BUILD_ONLY" = 1 ]; then
     case $part in
-      build|prebuild|sweep_*) ;;
+      build|prebuild|slctests|sweep_*) ;;
       newtests) part=prebuild ;;  # the tests' artifacts are exactly what prebuild compiles
       *) echo "$part: needs the GPU, skipped (FSAGEN_BUILD_ONLY=1)" | tee -a "$log/summary.txt"; continue ;;
     esac
@@ -109,6 +111,12 @@ for part in "$@"; do
     recall_nsa|recall_dense)  # the easier recall setting (bench/results/train_recall.md), NSA and its dense control
            run_part "$part" 560 python3 examples/train_recall.py --attention "${part#recall_}" --pairs 16 --queries 16 \
              --keys 64 --values 64 --lr 3e-3 --steps 4000 --log-every 200 --out "$log/$part" ;;
+    slctests) if [ "$BUILD_ONLY" = 1 ]; then  # test_grid's artifacts: the default grid's slc specs, both orders
+               run_part slctests 0 python3 -m fsagen.cli build --arch sm90 --branch slc --loop-orders all \
+                 --jobs "$jobs" "${build_out[@]}"
+             else
+               run_part slctests 560 python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_slc_gpu.py
+             fi ;;
     newtests) run_part newtests 500 python3 -m pytest -q -m gpu tests/gpu/test_gate_gpu.py \
              "tests/gpu/test_dense_gpu.py::test_dense_backward_dkdv_modes" \
              "tests/gpu/test_slc_gpu.py::test_kv_outer_query_chunks" "tests/gpu/test_slc_gpu.py::test_kv_outer_async_gather" ;;
@@ -121,7 +129,7 @@ for part in "$@"; do
              "${sweep_flags[@]}" --out "$log" ;;
     sweep_kvbwd) run_part sweep_kvbwd 560 python3 bench/sweep.py bench/variants/kv_bwd.toml --groups 1 4 8 16 \
              "${sweep_flags[@]}" --out "$log" ;;
-    *) echo "unknown part $part (build smoke bench llama ddp1 ddp2 recall_nsa recall_dense prebuild newtests profile sweep_dense" \
+    *) echo "unknown part $part (build smoke bench llama ddp1 ddp2 recall_nsa recall_dense prebuild slctests newtests profile sweep_dense" \
          "sweep_q sweep_kv sweep_kvbwd)" \
          | tee -a "$log/summary.txt" ;;
   esac

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from fsagen import __version__
 from fsagen.errors import ArtifactError, FsagenError
+from fsagen.spec import BRANCHES
 
 
 def _build_one(spec_dict: dict, plan_dict: dict, arch: str, out: str) -> tuple[float, str | None]:
@@ -70,6 +71,8 @@ def cmd_build(args) -> int:
     arch = schedule.arch
     grid = Path(args.grid) if args.grid else default_grid_file()
     specs = load_grid(grid, subset=args.subset)
+    if args.branch:
+        specs = [s for s in specs if s.branch in args.branch]
     # A schedule need not run every branch (a user schedule may list fewer): the grid's
     # specs of branches it does not list are skipped, and said so; any other unsupported value
     # still fails with the schedule's error.
@@ -116,6 +119,7 @@ def cmd_build(args) -> int:
         "versions": {"fsagen": __version__, "tilelang": tilelang_version(), "kernel_sources": kernel_sources_hash()},
         "grid": str(grid),
         "subset": args.subset,
+        "branches": args.branch,
         "loop_orders": args.loop_orders,
     }
     write_manifest(arch_dir, header, [p for p in wanted if is_complete(p)])
@@ -212,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--arch", help="schedule name, e.g. sm90 (default: the arch of the GPU present)")
     build.add_argument("--grid", help="grid TOML file (default: fsagen/grids/default.toml)")
     build.add_argument("--subset", help="a named subset of the grid, e.g. ci")
+    build.add_argument("--branch", nargs="+", choices=BRANCHES, metavar="BRANCH",
+                       help=f"only the grid's specs of these branches ({', '.join(BRANCHES)})")
     build.add_argument("--jobs", "-j", type=int, default=None, help="parallel compile processes (default: cores)")
     build.add_argument("--out", help="output root (default: $FSAGEN_GENERATED_DIR or the repo's generated/)")
     build.add_argument("--loop-orders", choices=("auto", "all"), default="auto",

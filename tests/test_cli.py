@@ -218,3 +218,19 @@ def test_build_skips_branches_the_schedule_does_not_run(env, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "skipping the grid's comp specs (schedule cpu supports the branches" in result.stdout
     assert "0 artifacts" in result.stdout
+
+
+def test_build_only_the_named_branches(env, tmp_path):
+    """--branch keeps the grid's specs of those branches (here the ci subset's slc specs, both loop
+    orders) and says so in the manifest; an unknown branch is refused by name."""
+    pytest.importorskip("tilelang")
+    out = tmp_path / "aot"
+    result = run_cli("build", "--arch", "sm90", "--subset", "ci", "--branch", "slc", "--loop-orders", "all",
+                     "--jobs", "2", "--out", str(out), env_extra=env)
+    assert result.returncode == 0, result.stderr
+    names = [name for _, name, _ in PROGRESS.findall(result.stdout)]
+    assert len(names) == 4 * 2 and all(n.startswith("slc_") for n in names)
+    manifest = json.loads((out / "sm90" / "manifest.json").read_text())
+    assert manifest["branches"] == ["slc"] and len(manifest["artifacts"]) == 8
+    bad = run_cli("build", "--arch", "sm90", "--branch", "slcx", "--out", str(out), env_extra=env)
+    assert bad.returncode == 2 and "slcx" in bad.stderr
