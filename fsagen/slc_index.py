@@ -20,6 +20,7 @@ float32 adds into o (or dq) land all over an accumulator far larger than L2 (512
 at N = 65536, G = 16). Cutting the queries into chunks whose accumulator rows fit L2 keeps those
 adds in L2, at the cost of loading each KV block once per chunk instead of once.
 """
+import os
 import weakref
 from dataclasses import dataclass
 
@@ -151,6 +152,15 @@ def _same(fingerprint: tuple, t: torch.Tensor) -> bool:
     return ref() is t.untyped_storage() and tuple(rest) == _fingerprint(t)[1:]
 
 
+def keep_forward_index() -> bool:
+    """Whether kv-outer forwards keep their block index for the backward (``FSAGEN_KEEP_INDEX``,
+    default 1)."""
+    value = os.environ.get("FSAGEN_KEEP_INDEX", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"FSAGEN_KEEP_INDEX must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 class ForwardIndexStash:
     """Block indices of kv-outer forwards, kept for the backward of the same call.
 
@@ -163,8 +173,10 @@ class ForwardIndexStash:
     ``cu_seqlens`` are the forward's own tensors, unmodified (their storage, offset, shape, strides
     and version counter), so an index is never used for other values; any mismatch rebuilds.
 
-    Memory: the index (about 8 bytes per (query, kv head, slot)) lives as long as the forward's lse.
-    Inference mode stashes nothing."""
+    Memory: the index (about 4 bytes per (query, kv head, slot)) lives as long as the forward's lse,
+    so a deep model keeps one per layer between its forward and backward (16 MiB a layer at
+    N = 65536, Hkv = 4, topk = 16). ``FSAGEN_KEEP_INDEX=0`` trades that memory back for the
+    backward's rebuild. Inference mode stashes nothing."""
 
     def __init__(self):
         self._by_lse = WeakIdKeyDictionary()
@@ -172,7 +184,7 @@ class ForwardIndexStash:
     def put(self, lse: torch.Tensor, topk_idx: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int,
             layout: TokenLayout, indices: dict) -> None:
         """``indices``: {(h_lo, h_hi, entries_per_item, query_chunk): BlockIndex}."""
-        if torch.is_inference_mode_enabled() or lse.device.type == "meta":
+        if torch.is_inference_mode_enabled() or lse.device.type == "meta" or not keep_forward_index():
             return
         self._by_lse[lse.untyped_storage()] = (_fingerprint(topk_idx), _fingerprint(cu_seqlens), block_size,
                                                layout, dict(indices))

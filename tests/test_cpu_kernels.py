@@ -385,6 +385,7 @@ def test_backward_reuses_the_forward_block_index(monkeypatch):
     inference mode keeps nothing."""
     import gc
 
+    import fsagen.ops  # noqa: F401  (registers torch.ops.fsagen.*)
     import fsagen.slc as glue
 
     builds = []
@@ -426,3 +427,12 @@ def test_backward_reuses_the_forward_block_index(monkeypatch):
     with torch.inference_mode():
         torch.ops.fsagen.slc_fwd(q, k, v, idx, *args)
     assert len(glue.FORWARD_INDEX) == before - 2
+
+    monkeypatch.setenv("FSAGEN_KEEP_INDEX", "0")  # memory back, the backward sorts again
+    builds.clear()
+    o, lse = torch.ops.fsagen.slc_fwd(q, k, v, idx, *args)
+    torch.ops.fsagen.slc_bwd(do, q, k, v, o, lse, idx, *args)
+    assert len(builds) == 2 and len(glue.FORWARD_INDEX) == before - 2
+    monkeypatch.setenv("FSAGEN_KEEP_INDEX", "yes")
+    with pytest.raises(ValueError, match="FSAGEN_KEEP_INDEX must be 0 or 1"):
+        torch.ops.fsagen.slc_fwd(q, k, v, idx, *args)
