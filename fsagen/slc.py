@@ -101,7 +101,8 @@ def slc_forward(q, k, v, topk_idx, cu_seqlens, block_size, scale, loop_order=Non
     for h_lo, h_hi in _kv_outer_head_chunks(N, Hkv, topk, G, D, Dv):
         heads = slice(h_lo * G, h_hi * G)
         index = build_block_index(topk_idx[h_lo:h_hi], layout, block_size, h_lo, per_item, chunk)
-        kept[(h_lo, h_hi, per_item, chunk)] = replace(index, ent_k=index.ent_k[:0])  # the backward's part
+        # the backward's part (a fresh empty ent_k: a slice of it would keep its storage alive)
+        kept[(h_lo, h_hi, per_item, chunk)] = replace(index, ent_k=index.ent_k.new_empty(0))
         part = torch.full((h_hi - h_lo, N, topk, G), -math.inf, dtype=torch.float32, device=q.device)
         kern["kv_fwd_stats"](q, k, index.items, index.ent_q, index.ent_k, part, h_lo, float(scale))
         lse_c = torch.logsumexp(part, dim=2)  # [hc, N, G], natural log

@@ -402,6 +402,9 @@ def test_backward_reuses_the_forward_block_index(monkeypatch):
 
     o, lse = torch.ops.fsagen.slc_fwd(q, k, v, idx, *args)
     assert len(builds) == 1 and len(glue.FORWARD_INDEX) >= 1
+    _, kept = glue.FORWARD_INDEX.get(lse, idx, cu, SLC_BS)
+    for index in kept.values():  # only what the backward reads is kept: no slot numbers
+        assert index.ent_k.untyped_storage().nbytes() == 0 and index.ent_q.numel() > 0
     grads = torch.ops.fsagen.slc_bwd(do, q, k, v, o, lse, idx, *args)
     assert len(builds) == 1, "the backward sorted the selection again"
     _compare(o, lse, grads, ro, rl, rgrads, BF16, f"kv_outer N={n} (forward's index)", "slc-cpu")
