@@ -102,12 +102,12 @@ def main(argv=None) -> int:
             for phase, fn in (("fwd", fwd), ("bwd", bwd)):
                 rows = profile_call(fn, args.iters)
                 total = sum(r[1] for r in rows if not r[0].startswith("(stage span)"))
-                lines += [f"## G = {g}, block {bs}, topk {topk}, {phase}: {total / 1e3:.3f} ms of kernels", "",
-                          "| range or torch op | ms | share | kernels |", "|---|---|---|---|"]
-                lines += [f"| {name} | {us / 1e3:.3f} | {us / total:.0%} | {n_:.0f} |" for name, us, n_ in rows
+                block = [f"## G = {g}, block {bs}, topk {topk}, {phase}: {total / 1e3:.3f} ms of kernels", "",
+                         "| range or torch op | ms | share | kernels |", "|---|---|---|---|"]
+                block += [f"| {name} | {us / 1e3:.3f} | {us / total:.0%} | {n_:.0f} |" for name, us, n_ in rows
                           if us >= 0.5]  # rows under half a microsecond are profiler bookkeeping
-                lines.append("")
-                print("\n".join(lines[-(len(rows) + 4):]), flush=True)
+                lines += block + [""]
+                print("\n".join(block), flush=True)
             del q, k, v, o, lse, do
             torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
