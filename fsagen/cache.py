@@ -224,8 +224,8 @@ class CompiledKernel:
                 function = self._functions.get(stage)
                 if function is None:
                     spec = self.meta["spec"]
-                    function = _profiled(load_function(self.path / info["library"], info["entry"], info),
-                                         f"fsagen::{spec['branch']}_{spec['phase']}.{stage}")
+                    function = _ProfiledStage(load_function(self.path / info["library"], info["entry"], info),
+                                              f"fsagen::{spec['branch']}_{spec['phase']}.{stage}")
                     self._functions[stage] = function
         return function
 
@@ -261,8 +261,6 @@ class _ProfiledStage:
     def __getattr__(self, name: str):
         return getattr(self.function, name)
 
-
-_profiled = _ProfiledStage
 
 
 def programs_factory() -> Callable:

@@ -141,15 +141,20 @@ def build_block_index(topk_idx: torch.Tensor, layout: TokenLayout, block_size: i
     return BlockIndex(items=items.contiguous(), ent_q=ent_q, ent_k=ent_k)
 
 
+def _place(t: torch.Tensor) -> tuple:
+    """Where a tensor sits in its storage, and the version counter that every in-place write bumps."""
+    return t.storage_offset(), tuple(t.shape), tuple(t.stride()), t._version
+
+
 def _fingerprint(t: torch.Tensor) -> tuple:
     """What identifies a tensor's values without reading them: its storage (weakly: a dead storage
-    matches nothing), where it sits in it, and the version counter that every in-place write bumps."""
-    return (weakref.ref(t.untyped_storage()), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t._version)
+    matches nothing) and its ``_place`` in it."""
+    return weakref.ref(t.untyped_storage()), _place(t)
 
 
 def _same(fingerprint: tuple, t: torch.Tensor) -> bool:
-    ref, *rest = fingerprint
-    return ref() is t.untyped_storage() and tuple(rest) == _fingerprint(t)[1:]
+    storage, place = fingerprint
+    return storage() is t.untyped_storage() and place == _place(t)
 
 
 def keep_forward_index() -> bool:

@@ -233,10 +233,10 @@ def test_stage_calls_are_profiler_ranges():
     (bench/profile_slc.py charges kernel time to it) and a plain call otherwise."""
     from torch.profiler import ProfilerActivity, profile
 
-    from fsagen.cache import _profiled
+    from fsagen.cache import _ProfiledStage
 
     calls = []
-    stage = _profiled(lambda *a: calls.append(a) or len(calls), "fsagen::slc_fwd.kv_fwd_stats")
+    stage = _ProfiledStage(lambda *a: calls.append(a) or len(calls), "fsagen::slc_fwd.kv_fwd_stats")
     assert stage(1, 2) == 1
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         assert stage(3) == 2
