@@ -20,6 +20,7 @@
 #   newtests  the GPU tests of the knobs and kernels not yet run on a GPU: gated sum, dense dK/dV with
 #           gather_async rows, kv-outer query chunks in several accumulator windows, kv-outer async gather
 #           -> LOGDIR/gpu_errors.log
+#   slcbench bench/bench_slc.py (issue 2's table: both orders, SDPA, G 1..16) -> LOGDIR/slcbench/slc_bench.{md,csv,png}
 #   profile  bench/profile_slc.py (G 1 4 16): GPU time per generated stage and per glue op -> LOGDIR/slc_profile_kernels.md
 #   sweep_dense / sweep_q / sweep_kv / sweep_kvbwd  bench/sweep.py of bench/variants/{dense_dkdv,
 #           q_outer_occupancy, kv_outer_occupancy, kv_bwd}.toml (build on 16 cores, check, time)
@@ -89,7 +90,8 @@ run_part() {  # NAME SECONDS COMMAND...
 for part in "$@"; do
   if [ "$BUILD_ONLY" = 1 ]; then
     case $part in
-      build|prebuild|slctests|sweep_*) ;;
+      build|prebuild|sweep_*) ;;
+      slctests|slcbench) part=slctests ;;  # the bench loads the slc grid's D = 128 bf16 artifacts
       newtests) part=prebuild ;;  # the tests' artifacts are exactly what prebuild compiles
       *) echo "$part: needs the GPU, skipped (FSAGEN_BUILD_ONLY=1)" | tee -a "$log/summary.txt"; continue ;;
     esac
@@ -120,6 +122,7 @@ for part in "$@"; do
     newtests) run_part newtests 500 python3 -m pytest -q -m gpu tests/gpu/test_gate_gpu.py \
              "tests/gpu/test_dense_gpu.py::test_dense_backward_dkdv_modes" \
              "tests/gpu/test_slc_gpu.py::test_kv_outer_query_chunks" "tests/gpu/test_slc_gpu.py::test_kv_outer_async_gather" ;;
+    slcbench) run_part slcbench 590 python3 bench/bench_slc.py --out "$log/slcbench" ;;
     profile) run_part profile 300 python3 bench/profile_slc.py --groups 1 4 16 --out "$log" ;;
     sweep_dense) run_part sweep_dense 560 python3 bench/sweep.py bench/variants/dense_dkdv.toml --groups 1 4 16 \
              "${sweep_flags[@]}" --out "$log" ;;
@@ -129,7 +132,7 @@ for part in "$@"; do
              "${sweep_flags[@]}" --out "$log" ;;
     sweep_kvbwd) run_part sweep_kvbwd 560 python3 bench/sweep.py bench/variants/kv_bwd.toml --groups 1 4 8 16 \
              "${sweep_flags[@]}" --out "$log" ;;
-    *) echo "unknown part $part (build smoke bench llama ddp1 ddp2 recall_nsa recall_dense prebuild slctests newtests profile sweep_dense" \
+    *) echo "unknown part $part (build smoke bench llama ddp1 ddp2 recall_nsa recall_dense prebuild slctests newtests slcbench profile sweep_dense" \
          "sweep_q sweep_kv sweep_kvbwd)" \
          | tee -a "$log/summary.txt" ;;
   esac
