@@ -9,7 +9,7 @@ the user cache (``$FSAGEN_CACHE_DIR``), where ``fsagen.cache`` finds them by the
 schedule's plans (forward specs, the gated sum, the query-chunk test's glue-only knob) are built
 with no edits.
 
-Usage: python bench/prebuild_gpu_tests.py [--jobs 16] [--arch sm90] [--list] [--only NAME_PART]
+Usage: python bench/prebuild_gpu_tests.py [--jobs 16] [--arch sm90] [--list] [--only NAME_PART] [--group NAME ...]
 """
 from __future__ import annotations
 
@@ -25,31 +25,45 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 
-def cases() -> list[tuple[tuple[tuple[str, str], ...], object, str | None]]:
-    """(schedule edits, KernelSpec, forced loop order or None) of every artifact the tests load."""
+def case_groups() -> dict[str, list[tuple[tuple[tuple[str, str], ...], object, str | None]]]:
+    """Per test: (schedule edits, KernelSpec, forced loop order or None) of every artifact it loads."""
     from gpu.test_dense_gpu import DKDV_GS, DKDV_VARIANTS, DS, dkdv_edits
-    from gpu.test_slc_gpu import ASYNC_GATHER_CASES, ASYNC_GATHER_EDITS
+    from gpu.test_slc_gpu import ASYNC_GATHER_CASES, ASYNC_GATHER_EDITS, TOKEN_TILE_CASES, token_tile_edits
 
     from fsagen.spec import KernelSpec
 
-    out = []
+    groups = {name: [] for name in ("dkdv_modes", "async_gather", "token_tiles", "query_chunks", "gate")}
     for variant in sorted(DKDV_VARIANTS):
         branch = DKDV_VARIANTS[variant][0]
         for g in DKDV_GS:
             for d in DS:
-                out.append((tuple(dkdv_edits(variant)), KernelSpec(branch, "bwd", g, d, 0, 0, "bfloat16"), None))
-                out.append(((), KernelSpec(branch, "fwd", g, d, 0, 0, "bfloat16"), None))
+                groups["dkdv_modes"].append((tuple(dkdv_edits(variant)), KernelSpec(branch, "bwd", g, d, 0, 0, "bfloat16"), None))
+                groups["dkdv_modes"].append(((), KernelSpec(branch, "fwd", g, d, 0, 0, "bfloat16"), None))
     for g, d, bs, topk in ASYNC_GATHER_CASES:
         for phase in ("fwd", "bwd"):
-            out.append((tuple(ASYNC_GATHER_EDITS), KernelSpec("slc", phase, g, d, bs, topk, "bfloat16"), "kv_outer"))
+            groups["async_gather"].append((tuple(ASYNC_GATHER_EDITS), KernelSpec("slc", phase, g, d, bs, topk, "bfloat16"),
+                                           "kv_outer"))
+    for g, d, bs, topk, tokens in TOKEN_TILE_CASES:  # the forward's edits; the shipped q_outer backward
+        groups["token_tiles"].append((tuple(token_tile_edits(tokens)), KernelSpec("slc", "fwd", g, d, bs, topk, "bfloat16"),
+                                      "q_outer"))
+        groups["token_tiles"].append(((), KernelSpec("slc", "bwd", g, d, bs, topk, "bfloat16"), "q_outer"))
     for g in (1, 4, 16):  # test_kv_outer_query_chunks: chunk_rows is glue-only, the shipped programs
         for phase in ("fwd", "bwd"):
-            out.append(((), KernelSpec("slc", phase, g, 128, 64, 16, "bfloat16"), "kv_outer"))
+            groups["query_chunks"].append(((), KernelSpec("slc", phase, g, 128, 64, 16, "bfloat16"), "kv_outer"))
     for d in (64, 128):  # tests/gpu/test_gate_gpu.py
         for dtype in ("bfloat16", "float16"):
             for phase in ("fwd", "bwd"):
-                out.append(((), KernelSpec("gate", phase, 1, d, 0, 0, dtype), None))
-    return list(dict.fromkeys(out))  # forward specs repeat across variants
+                groups["gate"].append(((), KernelSpec("gate", phase, 1, d, 0, 0, dtype), None))
+    return groups
+
+
+def cases(groups=None) -> list[tuple[tuple[tuple[str, str], ...], object, str | None]]:
+    """The cases of ``groups`` (names of ``case_groups``; None: all), each artifact once."""
+    found = case_groups()
+    unknown = set(groups or ()) - set(found)
+    if unknown:
+        raise ValueError(f"unknown group(s) {sorted(unknown)}; known: {sorted(found)}")
+    return list(dict.fromkeys(c for name in (groups or found) for c in found[name]))  # forward specs repeat
 
 
 def plan_of(edits, spec, order, arch: str, base: Path, folder) -> object:
@@ -94,8 +108,9 @@ def main(argv=None) -> int:
     p.add_argument("--arch", default="sm90")
     p.add_argument("--list", action="store_true", help="print the cases, build nothing")
     p.add_argument("--only", default="", help="build only the specs whose name contains this")
+    p.add_argument("--group", nargs="+", default=None, help="only these tests' artifacts (default: all groups)")
     args = p.parse_args(argv)
-    todo = [c for c in cases() if args.only in c[1].name]
+    todo = [c for c in cases(args.group) if args.only in c[1].name]
     if args.list:
         for edits, spec, order in todo:
             print(spec.name, order or "", f"{len(edits)} edit(s)")

@@ -15,11 +15,12 @@
 #   recall_nsa / recall_dense  examples/train_recall.py, easier setting, 4000 steps, with the NSA layer
 #           and with its dense-attention control -> LOGDIR/recall_*/loss.{csv,png}
 #   prebuild  bench/prebuild_gpu_tests.py: compile newtests' artifacts on 16 cores (run it first)
+#   sweep_qu  bench/sweep.py of bench/variants/q_outer_union.toml (q_tokens), G 8 16 -> LOGDIR/sweep_*.md
 #   slctests  every slc GPU test (tests/gpu/test_slc_gpu.py: the whole grid in both loop orders, special
 #           cases, opcheck, torch.compile, CUDA-graph capture) -> LOGDIR/gpu_errors.log
-#   newtests  the GPU tests of the knobs and kernels not yet run on a GPU: gated sum, dense dK/dV with
-#           gather_async rows, kv-outer query chunks in several accumulator windows, kv-outer async gather
-#           -> LOGDIR/gpu_errors.log
+#   newtests  the GPU tests of the knobs and kernels not yet run on a GPU: q_outer forward over the
+#           union of several tokens' blocks (q_tokens) -> LOGDIR/gpu_errors.log
+#           (earlier ones, all passed: gated sum, dense dK/dV gather_async, query chunks, async gather)
 #   slcbench bench/bench_slc.py (issue 2's table: both orders, SDPA, G 1..16) -> LOGDIR/slcbench/slc_bench.{md,csv,png}
 #   profile  bench/profile_slc.py (G 1 4 16): GPU time per generated stage and per glue op -> LOGDIR/slc_profile_kernels.md
 #   sweep_dense / sweep_q / sweep_kv / sweep_kvbwd  bench/sweep.py of bench/variants/{dense_dkdv,
@@ -59,6 +60,7 @@ else
       && echo "prebuilt: $(ls "$FSAGEN_CACHE_DIR"/sm90 | wc -l) artifacts in $FSAGEN_CACHE_DIR" | tee -a "$log/summary.txt"
   fi
 fi
+PREBUILD_GROUPS=(token_tiles)  # bench/prebuild_gpu_tests.py groups of the newtests part
 sweep_flags=(--jobs "$jobs"); [ "$BUILD_ONLY" = 1 ] && sweep_flags+=(--build-only)
 # where `build` writes: the repo's generated/ on the GPU machine, the folder to pack when building ahead
 # (and with FSAGEN_PREBUILT, that same folder: the packed artifacts are then up to date)
@@ -109,7 +111,7 @@ for part in "$@"; do
     ddp1)  run_part ddp1 400 python3 examples/ddp_train.py --out "$log/ddp_world1.md" ;;
     ddp2)  run_part ddp2 500 python3 -m torch.distributed.run --standalone --nproc_per_node 2 examples/ddp_train.py \
              --out "$log/ddp_world2.md" ;;
-    prebuild) run_part prebuild 500 python3 bench/prebuild_gpu_tests.py --jobs "$jobs" ;;
+    prebuild) run_part prebuild 500 python3 bench/prebuild_gpu_tests.py --jobs "$jobs" --group "${PREBUILD_GROUPS[@]}" ;;
     recall_nsa|recall_dense)  # the easier recall setting (bench/results/train_recall.md), NSA and its dense control
            run_part "$part" 560 python3 examples/train_recall.py --attention "${part#recall_}" --pairs 16 --queries 16 \
              --keys 64 --values 64 --lr 3e-3 --steps 4000 --log-every 200 --out "$log/$part" ;;
@@ -119,21 +121,22 @@ for part in "$@"; do
              else
                run_part slctests 560 python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_slc_gpu.py
              fi ;;
-    newtests) run_part newtests 500 python3 -m pytest -q -m gpu tests/gpu/test_gate_gpu.py \
-             "tests/gpu/test_dense_gpu.py::test_dense_backward_dkdv_modes" \
-             "tests/gpu/test_slc_gpu.py::test_kv_outer_query_chunks" "tests/gpu/test_slc_gpu.py::test_kv_outer_async_gather" ;;
+    newtests) run_part newtests 500 python3 -m pytest -q -m gpu -p no:cacheprovider \
+             "tests/gpu/test_slc_gpu.py::test_q_outer_token_tiles" ;;
     slcbench) run_part slcbench 590 python3 bench/bench_slc.py --out "$log/slcbench" ;;
     profile) run_part profile 300 python3 bench/profile_slc.py --groups 1 4 16 --out "$log" ;;
     sweep_dense) run_part sweep_dense 560 python3 bench/sweep.py bench/variants/dense_dkdv.toml --groups 1 4 16 \
              "${sweep_flags[@]}" --out "$log" ;;
     sweep_q) run_part sweep_q 400 python3 bench/sweep.py bench/variants/q_outer_occupancy.toml --groups 8 16 \
              "${sweep_flags[@]}" --out "$log" ;;
+    sweep_qu) run_part sweep_qu 500 python3 bench/sweep.py bench/variants/q_outer_union.toml --groups 8 16 \
+             "${sweep_flags[@]}" --out "$log" ;;
     sweep_kv) run_part sweep_kv 560 python3 bench/sweep.py bench/variants/kv_outer_occupancy.toml --groups 1 4 8 16 \
              "${sweep_flags[@]}" --out "$log" ;;
     sweep_kvbwd) run_part sweep_kvbwd 560 python3 bench/sweep.py bench/variants/kv_bwd.toml --groups 1 4 8 16 \
              "${sweep_flags[@]}" --out "$log" ;;
     *) echo "unknown part $part (build smoke bench llama ddp1 ddp2 recall_nsa recall_dense prebuild slctests newtests slcbench profile sweep_dense" \
-         "sweep_q sweep_kv sweep_kvbwd)" \
+         "sweep_q sweep_qu sweep_kv sweep_kvbwd)" \
          | tee -a "$log/summary.txt" ;;
   esac
 done

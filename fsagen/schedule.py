@@ -45,6 +45,7 @@ KNOBS: dict[str, tuple[type, object, str]] = {
     "chunk_rows": (int, lambda v: v >= 0, ">= 0"),
     "q_keys": (int, lambda v: v >= 0 and v % 16 == 0, "0 or a positive multiple of 16"),
     "q_ctas_per_sm": (int, lambda v: v >= 0, ">= 0"),
+    "q_tokens": (int, lambda v: 1 <= v <= 31, "in [1, 31]"),
     "ctas_per_sm": (int, lambda v: v >= 0, ">= 0"),
     "dkdv_rows": (str, lambda v: v in ("gather", "gather_async"), 'one of "gather", "gather_async"'),
     "gather": (str, lambda v: v in ("sync", "async"), 'one of "sync", "async"'),

@@ -91,7 +91,16 @@ def slc_forward(q, k, v, topk_idx, cu_seqlens, block_size, scale, loop_order=Non
         return o, lse
     layout = token_layout(cu_seqlens, N, block_size)
     if plan.loop_order == "q_outer":
-        kern["q_fwd"](q, k, v, topk_idx, layout.tok_start, o, lse, float(scale))
+        tokens = plan.knob("q_tokens")
+        if tokens == 1:
+            kern["q_fwd"](q, k, v, topk_idx, layout.tok_start, o, lse, float(scale))
+            return o, lse
+        # the CTAs' work lists: the union of each `tokens`-token tile's blocks, and who selected them
+        shape = (Hkv, -(-N // tokens), tokens, topk)
+        blocks = torch.empty(shape, dtype=torch.int32, device=q.device)
+        users = torch.empty(shape, dtype=torch.int32, device=q.device)
+        kern["q_fwd_plan"](topk_idx, layout.tok_start, blocks, users)
+        kern["q_fwd"](q, k, v, blocks, users, o, lse, float(scale))
         return o, lse
 
     per_item = plan.knob("rows") // G * plan.knob("tiles_per_item")

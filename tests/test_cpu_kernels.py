@@ -439,3 +439,19 @@ def test_backward_reuses_the_forward_block_index(monkeypatch):
     monkeypatch.setenv("FSAGEN_KEEP_INDEX", "yes")
     with pytest.raises(ValueError, match="FSAGEN_KEEP_INDEX must be 0 or 1"):
         torch.ops.fsagen.slc_fwd(q, k, v, idx, *args)
+
+
+@pytest.mark.parametrize("tokens,keys", [(3, 0), (8, 16), (31, 0)])
+def test_q_outer_forward_over_token_tiles_on_cpu(tokens, keys, edited_schedule):
+    """q_outer's forward with ``tokens`` tokens a CTA over the union of their blocks (knob
+    q_tokens; ``q_fwd_plan`` dedupes them): equals the float64 reference on varlen sequences whose
+    boundaries fall inside tiles (3 tokens a tile), with -1 slots and blocks after their token; and
+    with 8 tokens a tile (16 rows at G = 2) stepping through each block in 16-key halves; and 31
+    tokens (the most: a bit each in an int32)."""
+    edited_schedule("cpu", "q_tokens = 1", f"q_tokens = {tokens}")
+    if keys:
+        edited_schedule("cpu", "q_keys = 0", f"q_keys = {keys}")
+    spec = _spec("slc", "fwd", BF16, block_size=SLC_BS, topk=SLC_TOPK)
+    plan = load_schedule("cpu").plan(spec, loop_order="q_outer")
+    assert plan.knob("q_tokens") == tokens and plan.knob("q_keys") == keys
+    test_selected_attention_on_cpu("q_outer")

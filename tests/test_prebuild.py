@@ -22,15 +22,19 @@ def restore_schedules():
 
 def test_cases_cover_every_new_gpu_test(prebuild):
     from gpu.test_dense_gpu import DKDV_GS, DKDV_VARIANTS, DS
-    from gpu.test_slc_gpu import ASYNC_GATHER_CASES
+    from gpu.test_slc_gpu import ASYNC_GATHER_CASES, TOKEN_TILE_CASES
 
     cases = prebuild.cases()
     names = {(spec.branch, spec.phase, len(edits)) for edits, spec, _ in cases}
     assert {("gate", "fwd", 0), ("gate", "bwd", 0), ("slc", "bwd", 1), ("swa", "bwd", 1), ("cmp", "bwd", 1)} <= names
     head = [c for c in cases if c[0] and c[1].branch in ("swa", "cmp")]
     assert len(head) == len(DKDV_VARIANTS) * len(DKDV_GS) * len(DS)
-    assert len([c for c in cases if c[0] and c[1].branch == "slc"]) == 2 * len(ASYNC_GATHER_CASES)
+    assert len([c for c in cases if c[0] and c[1].branch == "slc"]) == 2 * len(ASYNC_GATHER_CASES) + len(TOKEN_TILE_CASES)
     assert len(set(cases)) == len(cases)
+    token_tiles = prebuild.cases(["token_tiles"])
+    assert len(token_tiles) == 2 * len(TOKEN_TILE_CASES) and all(c[2] == "q_outer" for c in token_tiles)
+    with pytest.raises(ValueError, match="unknown group"):
+        prebuild.cases(["no_such_test"])
 
 
 def test_edited_plans_are_the_tests_plans(prebuild, tmp_path, restore_schedules):
@@ -42,10 +46,12 @@ def test_edited_plans_are_the_tests_plans(prebuild, tmp_path, restore_schedules)
         plan = prebuild.plan_of(edits, spec, order, "sm90", base, tmp_path)
         if spec.branch in ("swa", "cmp") and spec.phase == "bwd":
             assert plan.knob("dkdv_rows") == "gather_async", spec.name
+        elif spec.branch == "slc" and edits and order == "q_outer":  # token tiles: no 3-CTA register cap
+            assert plan.knob("q_tokens") == min(31, max(2, 64 // spec.G)) and plan.knob("q_ctas_per_sm") == 0, spec.name
         elif spec.branch == "slc" and edits:
             assert plan.loop_order == "kv_outer" and plan.knob("gather") == "async", spec.name
-        elif spec.branch == "slc":  # the query-chunk test: the shipped schedule's kv_outer plan
-            assert plan == schedule.load_schedule("sm90").plan(spec, loop_order="kv_outer"), spec.name
+        elif spec.branch == "slc":  # the shipped schedule's plans (query chunks: kv_outer; token tiles' backward)
+            assert plan == schedule.load_schedule("sm90").plan(spec, loop_order=order), spec.name
 
 
 def test_run_gpu_build_only_mode(tmp_path):

@@ -25,7 +25,7 @@ REQUIRED_KNOBS = {
     # chunk_rows: read by the glue's block index only (fsagen/slc_index.py query chunks)
     ("kv_outer", "fwd"): ("rows", "tiles_per_item", "threads", "scatter", "chunk_rows", "ctas_per_sm", "gather"),
     ("kv_outer", "bwd"): ("rows", "tiles_per_item", "bwd_threads", "scatter", "chunk_rows", "ctas_per_sm", "gather"),
-    ("q_outer", "fwd"): ("q_threads", "num_stages", "bulk_copy", "q_keys", "q_ctas_per_sm"),
+    ("q_outer", "fwd"): ("q_threads", "num_stages", "bulk_copy", "q_keys", "q_ctas_per_sm", "q_tokens"),
     ("q_outer", "bwd"): ("q_threads", "num_stages", "bulk_copy", "rows", "tiles_per_item", "bwd_threads"),
     ("dense", "fwd"): ("rows", "keys", "threads", "num_stages"),
     ("dense", "bwd"): ("rows", "keys", "bwd_threads", "num_stages", "q_split", "dkdv_rows"),
@@ -54,8 +54,9 @@ FAMILY_MODULES = {
 _DTYPES = {"bfloat16": "bfloat16", "float16": "float16"}
 
 
-def stage_names(branch: str, loop_order: str, phase: str) -> tuple:
-    """Stages a plan compiles to, in launch order."""
+def stage_names(branch: str, loop_order: str, phase: str, plan=None) -> tuple:
+    """Stages a plan compiles to, in launch order (``plan``: its knobs, where they add a stage:
+    a q_outer forward over several tokens a CTA first writes its work list, ``q_fwd_plan``)."""
     if branch == "sel":
         return ("sel_topk",)
     if branch == "dec":  # the cmp branch's launch also writes its scores (decode-time selection)
@@ -65,6 +66,8 @@ def stage_names(branch: str, loop_order: str, phase: str) -> tuple:
         return ("comp_fwd",) if phase == "fwd" else ("comp_bwd_dx", "comp_bwd_dw")
     if branch == "gate":
         return ("gate_fwd",) if phase == "fwd" else ("gate_bwd",)
+    if (loop_order, phase) == ("q_outer", "fwd") and plan is not None and plan.knob("q_tokens") > 1:
+        return ("q_fwd_plan", "q_fwd")
     return {
         ("kv_outer", "fwd"): ("kv_fwd_stats", "kv_fwd_accum"),
         ("kv_outer", "bwd"): ("row_dot", "kv_bwd"),
@@ -93,7 +96,8 @@ def _slc_builders(spec, plan, dtype, dl):
         "row_dot": lambda: slc.row_dot(DV, dtype, 128, dl),
         "q_fwd": lambda: slc.q_fwd(G, D, DV, BS, dtype, knob("q_threads"), knob("num_stages"),
                                    knob("bulk_copy"), knob("q_keys"),
-                                   knob("q_ctas_per_sm"), dl=dl),
+                                   knob("q_ctas_per_sm"), knob("q_tokens"), dl=dl),
+        "q_fwd_plan": lambda: slc.q_fwd_plan(BS, knob("q_tokens"), dl),
         "q_bwd_dq": lambda: slc.q_bwd_dq(G, D, DV, BS, dtype, knob("q_threads"), knob("num_stages"),
                                          knob("bulk_copy"), dl=dl),
     }
@@ -183,5 +187,5 @@ def build_programs(spec, plan, target: dict | None = None) -> dict:
     else:
         raise ValueError(f"no programs for branch {spec.branch!r}")
     configs = dl.pass_configs()
-    programs = {name: builders[name]() for name in stage_names(spec.branch, plan.loop_order, spec.phase)}
+    programs = {name: builders[name]() for name in stage_names(spec.branch, plan.loop_order, spec.phase, plan)}
     return {name: (func, configs) if configs else func for name, func in programs.items()}

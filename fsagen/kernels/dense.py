@@ -30,15 +30,12 @@ Tile tables (``[tiles, 2]`` = (sequence, first position), ``-1`` sequence for pa
 on the GPU by ``fsagen.tile_index`` without host synchronisation.
 """
 
-import math
-
 import tilelang.language as T
 
 from .target import SIMT, Dialect
 from .tiles import (ACCUM, LOG2E, make_gather_row_stat, make_gather_rows, make_issue_run_tile,
-                    make_kv_grads_from_probs, make_online_softmax)
+                    make_kv_grads_from_probs, make_online_softmax, make_store_normalised_rows)
 
-LN2 = math.log(2.0)
 INDEX = "int32"
 # Running row maximum starts finite so that a row whose first key tiles are all masked rescales
 # by exp2(0) = 1 instead of exp2(-inf - -inf) = NaN; masked scores stay -inf (probability 0).
@@ -90,6 +87,7 @@ def dense_fwd(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, keys:
     copy_v = dl.make_copy_rows(BN, DV, io)
     gather_q = make_gather_rows(R, D, G, dl, io)
     online_softmax = make_online_softmax(R, BN, DV, dl)
+    store_normalised_rows = make_store_normalised_rows(R, DV, G, dl, io)
 
     @T.prim_func
     def main(
@@ -153,14 +151,7 @@ def dense_fwd(branch: str, G: int, D: int, DV: int, dtype: str, rows: int, keys:
                             )
                     online_softmax(acc_s, m, m_prev, rescale, l, l_tile, acc_o, p_cast)
                     T.gemm(p_cast, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
-                for r, d in dl.par(R, DV):
-                    if row_tok[r] >= 0:
-                        O[row_tok[r], h * G + r % G, d] = io.store(T.if_then_else(l[r] > 0, acc_o[r, d] / l[r], 0))
-                for r in dl.par(R):
-                    if row_tok[r] >= 0:
-                        lse[row_tok[r], h * G + r % G] = T.if_then_else(
-                            l[r] > 0, (m[r] + T.log2(l[r])) * LN2, -T.infinity(ACCUM)
-                        )
+                store_normalised_rows(O, lse, h, row_tok, acc_o, l, m)
 
     return main
 

@@ -25,6 +25,8 @@ float32 accumulator is the window's, not the sequence's.
 Query outer (NSA order), one CTA per (token, kv head), the G heads of the group padded to 16 rows:
 
 * ``q_fwd``: online softmax over the token's selected blocks; writes o and lse (natural log).
+  With ``tokens`` > 1 a CTA serves that many consecutive tokens and walks the union of their
+  blocks, listed by ``q_fwd_plan``.
 * ``q_bwd_dq``: dQ by recomputing P from lse.
 
 The kv-outer programs take ``gather``: ``"sync"`` gathers each tile's query rows with loads that
@@ -42,16 +44,14 @@ Argument order of every program is the order of its parameters below; the glue i
 ``fsagen/slc.py`` is the only caller.
 """
 
-import math
-
 import tilelang.language as T
 
 from .target import SIMT, Dialect
-from .tiles import (ACCUM, LOG2E, make_gather_row_stat, make_gather_rows, make_item_rows,
-                    make_issue_item_tile, make_kv_grads_from_probs, make_load_kv_rows, make_mask_scores, make_online_softmax, make_probs_from_lse,
+from .tiles import (ACCUM, LN2, LOG2E, make_gather_row_stat, make_gather_rows, make_item_rows,
+                    make_issue_item_tile, make_kv_grads_from_probs, make_load_kv_rows, make_mask_scores,
+                    make_mask_user_scores, make_online_softmax, make_probs_from_lse, make_store_normalised_rows,
                     make_scatter_add_rows)
 
-LN2 = math.log(2.0)
 INDEX = "int32"
 
 
@@ -399,37 +399,110 @@ def kv_bwd(G: int, D: int, DV: int, BS: int, dtype: str, rows: int, threads: int
 
 
 def q_fwd(G: int, D: int, DV: int, BS: int, dtype: str, threads: int, num_stages: int,
-          bulk_copy: bool, keys: int = 0, ctas_per_sm: int = 0, dl: Dialect = SIMT):
+          bulk_copy: bool, keys: int = 0, ctas_per_sm: int = 0, tokens: int = 1, dl: Dialect = SIMT):
     """``keys``: key rows per pipelined step (a divisor of ``BS``; 0 = ``BS``). Smaller steps
     shrink each pipeline stage's K/V buffers, so more CTAs (and more bytes) are in flight per SM.
     ``ctas_per_sm`` > 0 asks the compiler for registers that let that many CTAs reside on an SM
     (``__launch_bounds__``' second argument); the warp-specialised CTA's 256 threads at ~88
-    registers otherwise fit only 2."""
-    R = _round_up(G, 16)
+    registers otherwise fit only 2.
+
+    ``tokens`` > 1: a CTA serves that many consecutive tokens (``tokens * G`` rows) and walks the
+    *union* of their selected blocks, each loaded once, from the work list ``q_fwd_plan`` wrote
+    (``blocks``: a block's first key, -1 for a pair whose block an earlier pair of the tile has;
+    ``users``: which of the tile's tokens selected it; rows of the others are masked). Fewer bytes
+    than one CTA per token (the forced blocks are shared, and neighbouring tokens' selections
+    overlap), at the price of matmul rows for tokens that did not select a block."""
+    TOK = tokens
+    if not 1 <= TOK <= 31:
+        raise ValueError(f"q_fwd: tokens={tokens} must be in [1, 31] (a bit per token of an int32)")
+    R = _round_up(G * TOK, 16)
+    if R > 128:
+        raise ValueError(f"q_fwd: tokens * G = {TOK * G} rows; at most 128")
     KS = keys or BS
     if BS % KS:
         raise ValueError(f"q_fwd: keys={keys} must divide block_size={BS}")
     SPLIT = BS // KS
-    N, HQ, HKV, TOPK = T.dynamic("N, HQ, HKV, TOPK")
+    N, HQ, HKV, TOPK, NT = T.dynamic("N, HQ, HKV, TOPK, NT")
     io = dl.io(dtype)
     load_k = make_load_kv_rows(KS, D, dl, io, bulk_copy)
     load_v = make_load_kv_rows(KS, DV, dl, io, bulk_copy)
     mask = make_mask_scores(R, KS, dl)
+    mask_users = make_mask_user_scores(R, KS, G, dl)
     gather_q = make_gather_rows(R, D, G, dl, io)
     online_softmax = make_online_softmax(R, KS, DV, dl)
+    finish = make_store_normalised_rows(R, DV, G, dl, io)
+
+    @T.macro
+    def start(Q, h, t0, row_tok, Q_s, acc_o, l, m):
+        """Rows r < TOK * G: token t0 + r // G (if < N), head h * G + r % G; state cleared."""
+        for r in dl.par(R):
+            row_tok[r] = T.if_then_else((r < TOK * G) & (t0 + r // G < N), t0 + r // G, -1)
+        gather_q(Q, h, row_tok, Q_s)
+        T.clear(acc_o)
+        T.clear(l)
+        T.fill(m, -T.infinity(ACCUM))
+
+    @T.macro
+    def scores(K, V, h, kb, Q_s, K_s, V_s, acc_s):
+        """Load the key step from ``kb`` and its raw scores ``Q K^T`` (the caller masks them)."""
+        load_k(K, h, kb, N, K_s)
+        load_v(V, h, kb, N, V_s)
+        T.clear(acc_s)
+        T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullCol)
+
+    @T.macro
+    def fold(V_s, acc_s, P_s, acc_o, m, m_prev, rescale, l, l_tile):
+        online_softmax(acc_s, m, m_prev, rescale, l, l_tile, acc_o, P_s)
+        T.gemm(P_s, V_s, acc_o, policy=T.GemmWarpPolicy.FullCol)
+
+    # The CTA's work list: TOK == 1, the token's own selection (topk_idx, tok_start); else the
+    # tile's list from q_fwd_plan (blocks, users). Pair p of CTA c: its block's first key, whether
+    # the CTA has anything to do with it, and the tile's tokens that selected it (a bit each).
+    if TOK == 1:
+        list_a = T.Tensor((HKV, N, TOPK), INDEX)
+        list_b = T.Tensor((N,), INDEX)
+        ctas = N
+
+        def pair_key(topk_idx, tok_start, h, c, p):
+            return tok_start[c] + topk_idx[h, c, p] * BS
+
+        def pair_live(topk_idx, tok_start, h, c, p, kb):
+            return (topk_idx[h, c, p] >= 0) & (kb <= c)
+
+        def pair_users(topk_idx, tok_start, h, c, p):
+            return 1
+
+        @T.macro
+        def mask_pair(acc_s, row_tok, users, first_key_tok, scale_log2):
+            mask(acc_s, row_tok, first_key_tok, scale_log2)
+    else:
+        list_a = T.Tensor((HKV, NT, TOK, TOPK), INDEX)
+        list_b = T.Tensor((HKV, NT, TOK, TOPK), INDEX)
+        ctas = NT
+
+        def pair_key(blocks, users, h, c, p):
+            return blocks[h, c, p // TOPK, p % TOPK]
+
+        def pair_live(blocks, users, h, c, p, kb):
+            return (blocks[h, c, p // TOPK, p % TOPK] >= 0) & (kb < c * TOK + TOK)
+
+        def pair_users(blocks, users, h, c, p):
+            return users[h, c, p // TOPK, p % TOPK]
+
+        mask_pair = mask_users
 
     @T.prim_func
     def main(
         Q: T.Tensor((N, HQ, D), io.tensor),
         K: T.Tensor((N, HKV, D), io.tensor),
         V: T.Tensor((N, HKV, DV), io.tensor),
-        topk_idx: T.Tensor((HKV, N, TOPK), INDEX),
-        tok_start: T.Tensor((N,), INDEX),
+        work_a: list_a,
+        work_b: list_b,
         O: T.Tensor((N, HQ, DV), io.tensor),
         lse: T.Tensor((N, HQ), ACCUM),
         sm_scale: T.float32,
     ):
-        with T.Kernel(N, HKV, threads=threads) as (t, h):
+        with T.Kernel(ctas, HKV, threads=threads) as (c, h):
             dl.min_ctas_per_sm(ctas_per_sm)
             Q_s = dl.alloc_tile((R, D), io.tile)
             K_s = dl.alloc_tile((KS, D), io.tile)
@@ -444,31 +517,66 @@ def q_fwd(G: int, D: int, DV: int, BS: int, dtype: str, threads: int, num_stages
             l = dl.alloc_acc((R,), ACCUM)
             l_tile = dl.alloc_acc((R,), ACCUM)
 
-            start = tok_start[t]
-            for r in dl.par(R):
-                row_tok[r] = T.if_then_else(r < G, t, -1)
-            gather_q(Q, h, row_tok, Q_s)
-            T.clear(acc_o)
-            T.clear(l)
-            T.fill(m, -T.infinity(ACCUM))
-            for i in T.Pipelined(TOPK * SPLIT, num_stages=num_stages):
-                kb = start + topk_idx[h, t, i // SPLIT] * BS + (i % SPLIT) * KS
-                if topk_idx[h, t, i // SPLIT] >= 0 and kb <= t:
-                    load_k(K, h, kb, N, K_s)
-                    load_v(V, h, kb, N, V_s)
-                    T.clear(acc_s)
-                    T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullCol)
-                    mask(acc_s, row_tok, kb, sm_scale * LOG2E)
-                    online_softmax(acc_s, m, m_prev, rescale, l, l_tile, acc_o, P_s)
-                    T.gemm(P_s, V_s, acc_o, policy=T.GemmWarpPolicy.FullCol)
-            for r, d in dl.par(R, DV):
-                if r < G:
-                    O[t, h * G + r, d] = io.store(T.if_then_else(l[r] > 0, acc_o[r, d] / l[r], 0))
-            for r in dl.par(R):
-                if r < G:
-                    lse[t, h * G + r] = T.if_then_else(
-                        l[r] > 0, (m[r] + T.log2(l[r])) * LN2, -T.infinity(ACCUM)
-                    )
+            start(Q, h, c * TOK, row_tok, Q_s, acc_o, l, m)
+            for i in T.Pipelined(TOK * TOPK * SPLIT, num_stages=num_stages):
+                kb = pair_key(work_a, work_b, h, c, i // SPLIT) + (i % SPLIT) * KS
+                if pair_live(work_a, work_b, h, c, i // SPLIT, kb):
+                    scores(K, V, h, kb, Q_s, K_s, V_s, acc_s)
+                    mask_pair(acc_s, row_tok, pair_users(work_a, work_b, h, c, i // SPLIT), kb, sm_scale * LOG2E)
+                    fold(V_s, acc_s, P_s, acc_o, m, m_prev, rescale, l, l_tile)
+            finish(O, lse, h, row_tok, acc_o, l, m)
+
+    return main
+
+
+PLAN_LANES = 128
+
+
+def q_fwd_plan(BS: int, tokens: int, dl: Dialect = SIMT):
+    """The work list of ``q_fwd(tokens > 1)``: for tile ``tile`` of ``tokens`` consecutive tokens and
+    kv head ``h``, pair ``(j, s)`` is slot ``s`` of token ``tile * tokens + j``.
+    ``blocks[h, tile, j, s]``: the packed index of the first key of that pair's block, or -1 when
+    the slot is empty (-1), the block starts after its token, or an earlier pair of the tile (in
+    ``(j, s)`` order) has the same block; ``users[h, tile, j, s]``: bit ``j'`` set for each token
+    ``j'`` of the tile that selected that block (0 where ``blocks`` is -1). Absolute key indices make
+    a tile that straddles two sequences correct: their blocks never compare equal. One lane per
+    pair, comparing it with every pair of its tile (``tokens * topk`` reads, from L1)."""
+    N, HKV, TOPK, NT = T.dynamic("N, HKV, TOPK, NT")
+    TOK = tokens
+
+    def first_key(topk_idx, tok_start, h, t, s):
+        """The first key of token ``t``'s slot ``s``; -1 if it has none it may see (or t >= N)."""
+        tc = T.min(t, N - 1)
+        kb = tok_start[tc] + topk_idx[h, tc, s] * BS
+        return T.if_then_else((t < N) & (topk_idx[h, tc, s] >= 0) & (kb <= t), kb, -1)
+
+    @T.prim_func
+    def main(
+        topk_idx: T.Tensor((HKV, N, TOPK), INDEX),
+        tok_start: T.Tensor((N,), INDEX),
+        blocks: T.Tensor((HKV, NT, TOK, TOPK), INDEX),
+        users: T.Tensor((HKV, NT, TOK, TOPK), INDEX),
+    ):
+        with T.Kernel(NT, HKV, threads=PLAN_LANES) as (tile, h):
+            kb = T.alloc_var(INDEX)
+            other = T.alloc_var(INDEX)
+            owner = T.alloc_var(INDEX)
+            bits = T.alloc_var(INDEX)
+            for it in T.serial(T.ceildiv(TOK * TOPK, PLAN_LANES)):
+                for lane in T.serial(dl.lanes(PLAN_LANES)):
+                    i = it * PLAN_LANES + dl.lane_id(lane)
+                    if i < TOK * TOPK:
+                        kb = first_key(topk_idx, tok_start, h, tile * TOK + i // TOPK, i % TOPK)
+                        owner = 1
+                        bits = 0
+                        for i2 in T.serial(TOK * TOPK):
+                            other = first_key(topk_idx, tok_start, h, tile * TOK + i2 // TOPK, i2 % TOPK)
+                            if (kb >= 0) & (other == kb):
+                                bits = bits | T.shift_left(1, i2 // TOPK)
+                                if i2 < i:
+                                    owner = 0
+                        blocks[h, tile, i // TOPK, i % TOPK] = T.if_then_else((kb >= 0) & (owner == 1), kb, -1)
+                        users[h, tile, i // TOPK, i % TOPK] = T.if_then_else((kb >= 0) & (owner == 1), bits, 0)
 
     return main
 

@@ -24,6 +24,7 @@ import tilelang.language as T
 from .target import IO, Dialect
 
 LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 ACCUM = "float32"
 
 
@@ -45,6 +46,22 @@ def make_mask_scores(rows: int, cols: int, dl: Dialect):
             )
 
     return mask_scores
+
+
+def make_mask_user_scores(rows: int, cols: int, group: int, dl: Dialect):
+    """``make_mask_scores`` for a tile of several tokens' rows (``group`` consecutive rows a token)
+    where only some tokens selected the block: token ``r // group``'s rows count only if its bit is
+    set in ``users``; the other rows are masked whole (``-inf``, as dead rows)."""
+
+    @T.macro
+    def mask_user_scores(acc_s, row_tok, users, first_key_tok, scale_log2):
+        for r, c in dl.par(rows, cols):
+            acc_s[r, c] = T.if_then_else(
+                (first_key_tok + c <= row_tok[r]) & ((T.shift_right(users, r // group) & 1) == 1),
+                acc_s[r, c] * scale_log2, -T.infinity(ACCUM)
+            )
+
+    return mask_user_scores
 
 
 def make_probs_from_lse(rows: int, cols: int, dl: Dialect):
@@ -186,7 +203,9 @@ def make_online_softmax(rows: int, cols: int, dim: int, dl: Dialect):
     """One key tile of an online softmax: ``acc_s`` holds masked log2-domain scores (``-inf``
     where not visible); updates the running max ``m``, sum ``l`` and output ``acc_o`` (rescaled),
     leaving the tile's probabilities in ``p_s`` (input dtype, shared) for the caller's ``P @ V``.
-    Rows that have seen nothing yet keep ``m = -inf`` and a rescale of 1 (no NaN)."""
+    Rows that have seen nothing yet keep ``m = -inf``, a rescale of 1 and probabilities 0 (no NaN:
+    they are shifted by 0, kept in ``m_prev`` once the rescale has used it), so a tile may leave
+    a live row wholly masked (``q_fwd`` over several tokens)."""
 
     @T.macro
     def online_softmax(acc_s, m, m_prev, rescale, l, l_tile, acc_o, p_s):
@@ -194,8 +213,9 @@ def make_online_softmax(rows: int, cols: int, dim: int, dl: Dialect):
         T.reduce_max(acc_s, m, dim=1, clear=False)
         for r in dl.par(rows):
             rescale[r] = T.if_then_else(m[r] == -T.infinity(ACCUM), 1, T.exp2(m_prev[r] - m[r]))
+            m_prev[r] = T.if_then_else(m[r] == -T.infinity(ACCUM), 0, m[r])
         for r, c in dl.par(rows, cols):
-            acc_s[r, c] = T.exp2(acc_s[r, c] - m[r])
+            acc_s[r, c] = T.exp2(acc_s[r, c] - m_prev[r])
         T.reduce_sum(acc_s, l_tile, dim=1)
         for r in dl.par(rows):
             l[r] = l[r] * rescale[r] + l_tile[r]
@@ -204,6 +224,26 @@ def make_online_softmax(rows: int, cols: int, dim: int, dl: Dialect):
         T.copy(acc_s, p_s)
 
     return online_softmax
+
+
+def make_store_normalised_rows(rows: int, dim: int, group: int, dl: Dialect, io: IO):
+    """The end of an online softmax over a (query, head) row tile: row r (token ``row_tok[r]``,
+    head ``kv_head * group + r % group``; dead rows skipped) gets ``o = acc_o / l`` and the natural-log
+    ``lse = (m + log2 l) * ln 2``; 0 and ``-inf`` where the row saw no key (``l = 0``)."""
+
+    @T.macro
+    def store_normalised_rows(O, lse, kv_head, row_tok, acc_o, l, m):
+        for r, d in dl.par(rows, dim):
+            if row_tok[r] >= 0:
+                O[row_tok[r], kv_head * group + r % group, d] = io.store(
+                    T.if_then_else(l[r] > 0, acc_o[r, d] / l[r], 0))
+        for r in dl.par(rows):
+            if row_tok[r] >= 0:
+                lse[row_tok[r], kv_head * group + r % group] = T.if_then_else(
+                    l[r] > 0, (m[r] + T.log2(l[r])) * LN2, -T.infinity(ACCUM)
+                )
+
+    return store_normalised_rows
 
 
 SCATTER_MODES = ("x2", "x4", "tma")

@@ -116,6 +116,16 @@ def test_kv_outer_query_chunks(G, windows, edited_schedule, monkeypatch):
                     bs, "kv_outer", gen)
 
 
+def _varlen_case(case, G, D, bs, topk, loop_order, seqs):
+    """``run_and_compare`` on 2048 tokens in ``seqs`` random sequences, 2 kv heads, bf16."""
+    gen = _gen()
+    hkv, n = 2, 2048
+    cu = random_cu_seqlens(n, seqs, block_size=bs, generator=gen, device="cuda")
+    idx = random_topk_idx(cu, hkv, topk, bs, generator=gen)
+    q, k, v = _qkv(n, G * hkv, hkv, D, torch.bfloat16, gen)
+    run_and_compare(case, q, k, v, idx, cu, bs, loop_order, gen)
+
+
 ASYNC_GATHER_EDITS = [('gather = "sync"', 'gather = "async"')]  # bench/prebuild_gpu_tests.py builds these plans
 ASYNC_GATHER_CASES = [(G, D, bs, topk) for G in (1, 2, 4, 16) for D in (64, 128) for bs, topk in ((64, 16), (128, 8))]
 
@@ -126,12 +136,29 @@ def test_kv_outer_async_gather(G, D, bs, topk, edited_schedule):
     computes; bench/variants/kv_outer_occupancy.toml): forward and backward equal the reference."""
     for old, new in ASYNC_GATHER_EDITS:
         edited_schedule("sm90", old, new)
-    gen = _gen()
-    hkv, n = 2, 2048
-    cu = random_cu_seqlens(n, 3, block_size=bs, generator=gen, device="cuda")
-    idx = random_topk_idx(cu, hkv, topk, bs, generator=gen)
-    q, k, v = _qkv(n, G * hkv, hkv, D, torch.bfloat16, gen)
-    run_and_compare(f"kv_outer async gather G={G} D={D} bs={bs} topk={topk}", q, k, v, idx, cu, bs, "kv_outer", gen)
+    _varlen_case(f"kv_outer async gather G={G} D={D} bs={bs} topk={topk}", G, D, bs, topk, "kv_outer", seqs=3)
+
+
+def token_tile_edits(tokens):
+    """sm90 edits of test_q_outer_token_tiles: ``tokens`` tokens a q_outer forward CTA, and no
+    3-CTA register cap (a tile of several tokens' rows needs more than 80 registers a thread)."""
+    return [("q_tokens = 1", f"q_tokens = {tokens}"),
+            ("knobs = { q_ctas_per_sm = 3 }", "knobs = { q_ctas_per_sm = 0 }")]
+
+
+# (G, D, block, topk, tokens a CTA): tokens * G = 64 rows (a wgmma tile) where it fits 31 tokens
+TOKEN_TILE_CASES = [(G, D, bs, topk, min(31, max(2, 64 // G))) for G in (1, 2, 4, 8, 16) for D in (64, 128)
+                    for bs, topk in ((64, 16), (128, 8))]
+
+
+@pytest.mark.parametrize("G,D,bs,topk,tokens", TOKEN_TILE_CASES)
+def test_q_outer_token_tiles(G, D, bs, topk, tokens, edited_schedule):
+    """q_outer forward with ``tokens`` tokens a CTA over the union of their blocks (knob q_tokens,
+    bench/variants/q_outer_union.toml) on varlen sequences whose boundaries fall inside tiles:
+    forward and backward equal the reference."""
+    for old, new in token_tile_edits(tokens):
+        edited_schedule("sm90", old, new)
+    _varlen_case(f"q_outer {tokens} tokens a CTA G={G} D={D} bs={bs} topk={topk}", G, D, bs, topk, "q_outer", seqs=5)
 
 
 def _holes(idx, gen):
