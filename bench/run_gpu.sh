@@ -21,6 +21,8 @@
 #   newtests  the GPU tests of the knobs and kernels not yet run on a GPU: q_outer forward over the
 #           union of several tokens' blocks (q_tokens) -> LOGDIR/gpu_errors.log
 #           (earlier ones, all passed: gated sum, dense dK/dV gather_async, query chunks, async gather)
+#   alltests  every GPU test but the sm80 PTX one (tests/gpu: every family, the default grid in all loop
+#           orders) -> LOGDIR/gpu_errors.log; building ahead compiles the whole default grid, all orders
 #   slcbench bench/bench_slc.py (issue 2's table: both orders, SDPA, G 1..16) -> LOGDIR/slcbench/slc_bench.{md,csv,png}
 #   profile  bench/profile_slc.py (G 1 4 16): GPU time per generated stage and per glue op -> LOGDIR/slc_profile_kernels.md
 #   sweep_dense / sweep_q / sweep_kv / sweep_kvbwd  bench/sweep.py of bench/variants/{dense_dkdv,
@@ -92,8 +94,8 @@ run_part() {  # NAME SECONDS COMMAND...
 for part in "$@"; do
   if [ "$BUILD_ONLY" = 1 ]; then
     case $part in
-      build|prebuild|sweep_*) ;;
-      slctests|slcbench) part=slctests ;;  # the bench loads the slc grid's D = 128 bf16 artifacts
+      build|prebuild|sweep_*|slctests|alltests) ;;
+      slcbench) part=slctests ;;  # the bench loads the slc grid's D = 128 bf16 artifacts
       newtests) part=prebuild ;;  # the tests' artifacts are exactly what prebuild compiles
       *) echo "$part: needs the GPU, skipped (FSAGEN_BUILD_ONLY=1)" | tee -a "$log/summary.txt"; continue ;;
     esac
@@ -123,6 +125,11 @@ for part in "$@"; do
              fi ;;
     newtests) run_part newtests 500 python3 -m pytest -q -m gpu -p no:cacheprovider \
              "tests/gpu/test_slc_gpu.py::test_q_outer_token_tiles" ;;
+    alltests) if [ "$BUILD_ONLY" = 1 ]; then
+               run_part alltests 0 python3 -m fsagen.cli build --arch sm90 --loop-orders all --jobs "$jobs" "${build_out[@]}"
+             else
+               run_part alltests 580 python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu --ignore=tests/gpu/test_sm80_ptx.py
+             fi ;;
     slcbench) run_part slcbench 590 python3 bench/bench_slc.py --out "$log/slcbench" ;;
     profile) run_part profile 300 python3 bench/profile_slc.py --groups 1 4 16 --out "$log" ;;
     sweep_dense) run_part sweep_dense 560 python3 bench/sweep.py bench/variants/dense_dkdv.toml --groups 1 4 16 \
@@ -135,7 +142,7 @@ for part in "$@"; do
              "${sweep_flags[@]}" --out "$log" ;;
     sweep_kvbwd) run_part sweep_kvbwd 560 python3 bench/sweep.py bench/variants/kv_bwd.toml --groups 1 4 8 16 \
              "${sweep_flags[@]}" --out "$log" ;;
-    *) echo "unknown part $part (build smoke bench llama ddp1 ddp2 recall_nsa recall_dense prebuild slctests newtests slcbench profile sweep_dense" \
+    *) echo "unknown part $part (build smoke bench llama ddp1 ddp2 recall_nsa recall_dense prebuild slctests newtests alltests slcbench profile sweep_dense" \
          "sweep_q sweep_qu sweep_kv sweep_kvbwd)" \
          | tee -a "$log/summary.txt" ;;
   esac
