@@ -138,3 +138,27 @@ def test_async_gather_is_cp_async(edited_schedule, tmp_path, arch):
         for stage, _, _, source in _stages(meta, path):
             if stage != "row_dot":  # 16-byte copies, one group a tile: wait for all but the next
                 assert "cp_async_gs_conditional<16>" in source and "cp_async_wait<1>" in source, stage
+
+
+def test_q_outer_token_tiles_compile(edited_schedule, tmp_path):
+    """q_tokens = 4 at G = 16 (64 rows: a wgmma tile): the forward gains its work-list stage, the
+    attention stage's matmuls are wgmma, its blocks arrive by TMA, and it does not spill
+    with registers for 2 CTAs an SM."""
+    from fsagen.cache import ensure_artifact
+    from fsagen.lower import resource_usage
+    from fsagen.spec import KernelSpec
+
+    edited_schedule("sm90", "q_tokens = 1", "q_tokens = 4")
+    edited_schedule("sm90", "knobs = { q_ctas_per_sm = 3 }", "knobs = { q_ctas_per_sm = 2 }")
+    sched = load_schedule("sm90")
+    spec = KernelSpec("slc", "fwd", 16, 128, 64, 16, "bfloat16")
+    plan = sched.plan(spec, loop_order="q_outer")
+    assert stage_names("slc", "q_outer", "fwd", plan) == ("q_fwd_plan", "q_fwd")
+    path, _ = ensure_artifact(spec, plan, "sm90", root=tmp_path)
+    meta = json.loads(open(os.path.join(path, "meta.json")).read())
+    sources = {stage: source for stage, _, _, source in _stages(meta, path)}
+    assert sorted(sources) == ["q_fwd", "q_fwd_plan"]
+    assert "wgmma" in sources["q_fwd"] and "tma_load" in sources["q_fwd"]
+    assert "__launch_bounds__(256, 2)" in sources["q_fwd"]
+    (usage,) = resource_usage(sources["q_fwd"], sched.target).values()
+    assert usage["registers"] <= 128 and usage["bytes spill stores"] <= 64, usage
