@@ -46,9 +46,9 @@ def visible_keys(lengths, bs, topk):
     return total
 
 
-def run_case(timeit, lengths, G, bs, topk, hkv=4, d=128, seed=0):
+def run_case(timeit, lengths, G, bs, topk, hkv=4, d=128, seed=0, graphs=False):
     import fsagen.ops  # noqa: F401  (registers torch.ops.fsagen.*)
-    from fsagen.testing import random_topk_idx
+    from fsagen.testing import capture_cuda_graph, random_topk_idx
 
     gen = torch.Generator(device="cuda").manual_seed(seed)
     n = sum(lengths)
@@ -61,6 +61,11 @@ def run_case(timeit, lengths, G, bs, topk, hkv=4, d=128, seed=0):
     do = torch.randn_like(o)
     bwd = lambda: torch.ops.fsagen.slc_bwd(do, q, k, v, o, lse, idx, cu, bs, scale, "auto")  # noqa: E731
     res = dict(fwd_ms=timeit(fwd), bwd_ms=timeit(bwd), extra_mib=_extra_memory(fwd, bwd, do) / 2**20)
+    if graphs:  # the same calls replayed from CUDA graphs: GPU time without the host's launch costs
+        for phase, step in (("fwd", fwd), ("bwd", bwd)):
+            graph, _ = capture_cuda_graph(step)
+            res[f"{phase}_graph_ms"] = timeit(graph.replay)
+            del graph
     del q, k, v, o, lse, do
     torch.cuda.empty_cache()
     return res
@@ -88,16 +93,17 @@ def main(argv=None) -> int:
             picked = "/".join(plan_for(probe, probe[:, :4], probe_idx, bs, ph)[1].loop_order for ph in ("fwd", "bwd"))
             by_n = {}
             for n in args.lengths:
-                r = run_case(timeit, [n], G, bs, topk)
+                r = run_case(timeit, [n], G, bs, topk, graphs=True)
                 by_n[n] = r
                 tf = slc_flops(n, 4 * G, topk, bs, 128) / r["fwd_ms"] / 1e9
                 scaling.append(dict(G=G, bs=bs, topk=topk, N=n, picked=picked, tflops=tf, **r))
                 print(f"scaling G={G} bs={bs} N={n}: fwd {r['fwd_ms']:.2f} bwd {r['bwd_ms']:.2f} ms "
-                      f"extra {r['extra_mib']:.0f} MiB", flush=True)
+                      f"(CUDA graph: {r['fwd_graph_ms']:.2f} / {r['bwd_graph_ms']:.2f}) extra {r['extra_mib']:.0f} MiB",
+                      flush=True)
             ref = by_n.get(65536)
             for row in scaling:
                 if (row["G"], row["bs"]) == (G, bs) and ref:
-                    for ph in ("fwd", "bwd"):
+                    for ph in ("fwd", "bwd", "fwd_graph", "bwd_graph"):
                         row[f"{ph}_vs_linear"] = (row[f"{ph}_ms"] / row["N"]) / (ref[f"{ph}_ms"] / 65536)
             one = ref or run_case(timeit, [65536], G, bs, topk)
             mixed = run_case(timeit, list(MIXED), G, bs, topk)
@@ -119,13 +125,18 @@ def write(out: Path, scaling, varlen, how) -> None:
              f"- torch {torch.__version__}; Hkv=4, D=128, bf16; random valid selection; loop order: the schedule's",
              f"- timing: {how}; extra MiB: one fwd + bwd, peak above inputs, less outputs", "",
              "## Time against N (one sequence)", "",
-             "'vs linear' = (ms / N) over the 64K row's (ms / N): 1.00 is linear growth.", "",
-             "| G | bs,topk | N | order fwd/bwd | fwd ms | fwd TFLOP/s | fwd vs linear | bwd ms | bwd vs linear | extra MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "'vs linear' = (ms / N) over the 64K row's (ms / N): 1.00 is linear growth. 'graph': the same op",
+             "call captured in a CUDA graph and replayed, i.e. GPU time alone; where the eager time is far above",
+             "it (short N), the host's launches set the pace (a kv_outer forward issues ~105 aten ops, most of",
+             "them the block-index build, and two TileLang launches).", "",
+             "| G | bs,topk | N | order fwd/bwd | fwd ms | fwd TFLOP/s | fwd vs linear | fwd graph ms | fwd graph vs linear "
+             "| bwd ms | bwd vs linear | bwd graph ms | bwd graph vs linear | extra MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in scaling:
         lines.append(f"| {r['G']} | {r['bs']},{r['topk']} | {r['N']} | {r['picked']} | {f(r['fwd_ms'])} | "
-                     f"{f(r['tflops'], 1)} | {f(r.get('fwd_vs_linear'))} | {f(r['bwd_ms'])} | "
-                     f"{f(r.get('bwd_vs_linear'))} | {f(r['extra_mib'], 0)} |")
+                     f"{f(r['tflops'], 1)} | {f(r.get('fwd_vs_linear'))} | {f(r.get('fwd_graph_ms'))} | "
+                     f"{f(r.get('fwd_graph_vs_linear'))} | {f(r['bwd_ms'])} | {f(r.get('bwd_vs_linear'))} | "
+                     f"{f(r.get('bwd_graph_ms'))} | {f(r.get('bwd_graph_vs_linear'))} | {f(r['extra_mib'], 0)} |")
     lines += ["", f"## Mixed lengths: 8 sequences {list(MIXED)} (65536 tokens) against one of 65536", "",
               "'work' = attended keys of the batch over the single sequence's (short sequences see fewer blocks).", "",
               "| G | bs,topk | order fwd/bwd | one seq fwd+bwd ms | batch fwd+bwd ms | batch / one | work | batch extra MiB |",
@@ -147,14 +158,16 @@ def write(out: Path, scaling, varlen, how) -> None:
         for key in dict.fromkeys((r["G"], r["bs"], r["topk"]) for r in scaling):
             rows = [r for r in scaling if (r["G"], r["bs"], r["topk"]) == key]
             ns = [r["N"] for r in rows]
-            ax.plot(ns, [r[f"{ph}_ms"] for r in rows], "o-", label=f"G={key[0]} bs={key[1]} topk={key[2]}")
+            (line,) = ax.plot(ns, [r[f"{ph}_ms"] for r in rows], "o-", label=f"G={key[0]} bs={key[1]} topk={key[2]}")
+            if all(f"{ph}_graph_ms" in r for r in rows):
+                ax.plot(ns, [r[f"{ph}_graph_ms"] for r in rows], "s--", color=line.get_color(), alpha=0.6)
             last = rows[-1]
             ax.plot(ns, [last[f"{ph}_ms"] * n / last["N"] for n in ns], ":", color="gray")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("N (tokens, one sequence)")
         ax.set_ylabel("ms")
-        ax.set_title(f"slc {ph} (dotted: linear)")
+        ax.set_title(f"slc {ph} (dashed: CUDA graph replay; dotted: linear)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "slc_scaling.png", dpi=110)

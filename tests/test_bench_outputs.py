@@ -88,3 +88,23 @@ def test_profile_slc_without_gpu_exits_2(tmp_path, capsys):
     assert profile.main(["--groups", "1", "--out", str(tmp_path)]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_scaling_writer_reports_graph_replays(tmp_path, monkeypatch):
+    """bench/bench_slc_scaling.py's report: eager and CUDA-graph times side by side, each with its
+    ratio to linear growth, and the mixed batch's row."""
+    import torch
+    from conftest import load_script
+
+    scaling_mod = load_script("bench/bench_slc_scaling.py")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "X100")
+    rows = [dict(G=1, bs=64, topk=16, N=n, picked="kv_outer/kv_outer", tflops=1.0, fwd_ms=ms, bwd_ms=2 * ms,
+                 fwd_graph_ms=n / 65536, bwd_graph_ms=2 * n / 65536, extra_mib=1.0,
+                 fwd_vs_linear=ms / n * 65536, bwd_vs_linear=ms / n * 65536, fwd_graph_vs_linear=1.0,
+                 bwd_graph_vs_linear=1.0) for n, ms in ((8192, 2.0), (65536, 1.0))]
+    one = dict(fwd_ms=1.0, bwd_ms=2.0, extra_mib=1.0)
+    varlen = [dict(G=1, bs=64, topk=16, picked="kv_outer/kv_outer", one=one, mixed=one, work=0.9, ratio=1.0)]
+    scaling_mod.write(tmp_path, rows, varlen, "t")
+    md = (tmp_path / "slc_scaling.md").read_text()
+    assert "fwd graph ms" in md and "bwd graph vs linear" in md
+    assert "| 1 | 64,16 | 8192 | kv_outer/kv_outer | 2.00 | 1.0 | 16.00 | 0.12 | 1.00 | 4.00 | 16.00 | 0.25 | 1.00 | 1 |" in md
