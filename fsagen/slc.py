@@ -72,12 +72,12 @@ def _kv_outer_head_chunks(num_tokens, num_kv_heads, topk, G, D, Dv):
     return _head_chunks(num_tokens, num_kv_heads, topk, G * max(Dv + topk, D))
 
 
-def _index(indices, topk_idx, layout, block_size, h_lo, h_hi, per_item, chunk):
+def _index(kern, indices, topk_idx, layout, block_size, h_lo, h_hi, per_item, chunk):
     """The block index of kv heads [h_lo, h_hi): the forward's (``indices``) when it has this one,
-    else built now."""
+    else built now by the plan's index stages (``kern``)."""
     found = indices.get((h_lo, h_hi, per_item, chunk))
     return found if found is not None else build_block_index(topk_idx[h_lo:h_hi], layout, block_size, h_lo,
-                                                              per_item, chunk)
+                                                              per_item, chunk, kern)
 
 
 def slc_forward(q, k, v, topk_idx, cu_seqlens, block_size, scale, loop_order=None):
@@ -109,7 +109,7 @@ def slc_forward(q, k, v, topk_idx, cu_seqlens, block_size, scale, loop_order=Non
     kept = {}
     for h_lo, h_hi in _kv_outer_head_chunks(N, Hkv, topk, G, D, Dv):
         heads = slice(h_lo * G, h_hi * G)
-        index = build_block_index(topk_idx[h_lo:h_hi], layout, block_size, h_lo, per_item, chunk)
+        index = build_block_index(topk_idx[h_lo:h_hi], layout, block_size, h_lo, per_item, chunk, kern)
         # the backward's part (a fresh empty ent_k: a slice of it would keep its storage alive)
         kept[(h_lo, h_hi, per_item, chunk)] = replace(index, ent_k=index.ent_k.new_empty(0))
         part = torch.full((h_hi - h_lo, N, topk, G), -math.inf, dtype=torch.float32, device=q.device)
@@ -146,13 +146,13 @@ def slc_backward(do, q, k, v, o, lse, topk_idx, cu_seqlens, block_size, scale, l
         kern["q_bwd_dq"](q, k, v, do, topk_idx, layout.tok_start, lse2, delta, dq, float(scale))
         no_dq = torch.empty((1, 1, D), dtype=torch.float32, device=q.device)
         for h_lo, h_hi in _head_chunks(N, Hkv, topk, 0):
-            index = _index(indices, topk_idx, layout, block_size, h_lo, h_hi, per_item, 0)
+            index = _index(kern, indices, topk_idx, layout, block_size, h_lo, h_hi, per_item, 0)
             kern["kv_bwd_dkdv"](q, k, v, do, index.items, index.ent_q, lse2, delta, no_dq,
                                 dk_acc, dv_acc, h_lo, 0, N, float(scale))
     else:
         chunk = _query_chunk(plan, G)
         for h_lo, h_hi in _kv_outer_head_chunks(N, Hkv, topk, G, D, Dv):
-            index = _index(indices, topk_idx, layout, block_size, h_lo, h_hi, per_item, chunk)
+            index = _index(kern, indices, topk_idx, layout, block_size, h_lo, h_hi, per_item, chunk)
             for q_lo, q_hi in _acc_windows(N, chunk, (h_hi - h_lo) * G * D * 4):
                 dq_acc = torch.zeros((q_hi - q_lo, (h_hi - h_lo) * G, D), dtype=torch.float32, device=q.device)
                 kern["kv_bwd"](q, k, v, do, index.items, index.ent_q, lse2, delta, dq_acc,

@@ -92,14 +92,8 @@ def valid_selection(topk_idx: torch.Tensor, layout: TokenLayout, block_size: int
     return (topk_idx >= 0) & (topk_idx <= own_block)
 
 
-def build_block_index(topk_idx: torch.Tensor, layout: TokenLayout, block_size: int, h_lo: int,
-                      entries_per_item: int, query_chunk: int = 0) -> BlockIndex:
-    """Index of kv heads ``[h_lo, h_lo + topk_idx.shape[0])``; ``topk_idx`` is that slice.
-
-    ``query_chunk`` > 0 groups the entries by chunks of that many query tokens first (module doc)."""
-    hc, n, topk = topk_idx.shape
-    dev = topk_idx.device
-    nb = layout.num_blocks_bound
+def _index_sizes(hc: int, n: int, topk: int, nb: int, entries_per_item: int, query_chunk: int):
+    """(chunk, n_chunks, n_keys, max_items) of an index; refuses sizes that overflow int32."""
     chunk = query_chunk if 0 < query_chunk < n else max(n, 1)
     n_chunks = -(-n // chunk) if n else 1
     n_keys = hc * n_chunks * nb
@@ -108,6 +102,46 @@ def build_block_index(topk_idx: torch.Tensor, layout: TokenLayout, block_size: i
                          f"overflow int32 sort keys; raise the chunk size (query_chunk={query_chunk})")
     if hc * n * topk >= 2**31:
         raise ValueError(f"slc block index: {hc} kv heads x {n} tokens x topk {topk} entries overflow int32")
+    return chunk, n_chunks, n_keys, (hc * n * topk) // entries_per_item + n_keys
+
+
+def build_block_index(topk_idx: torch.Tensor, layout: TokenLayout, block_size: int, h_lo: int,
+                      entries_per_item: int, query_chunk: int = 0, stages: dict | None = None) -> BlockIndex:
+    """Index of kv heads ``[h_lo, h_lo + topk_idx.shape[0])``; ``topk_idx`` is that slice.
+
+    ``query_chunk`` > 0 groups the entries by chunks of that many query tokens first (module doc).
+    ``stages``: the plan's loaded stages; their ``index_*`` programs (``fsagen/kernels/block_index.py``)
+    do the steps around the sort in four launches. None: the same steps as torch ops
+    (``build_block_index_torch``, equal element for element)."""
+    if stages is None:
+        return build_block_index_torch(topk_idx, layout, block_size, h_lo, entries_per_item, query_chunk)
+    hc, n, topk = topk_idx.shape
+    dev = topk_idx.device
+    nb = layout.num_blocks_bound
+    chunk, n_chunks, n_keys, max_items = _index_sizes(hc, n, topk, nb, entries_per_item, query_chunk)
+    i32 = dict(dtype=torch.int32, device=dev)
+    key = torch.empty(hc * n * topk, **i32)
+    stages["index_keys"](topk_idx.contiguous(), layout.tok_pos, layout.tok_block_base, key, block_size, chunk,
+                         n_chunks, nb)
+    sorted_key, perm = torch.sort(key, stable=True)
+    ent_q, ent_k = torch.empty_like(key), torch.empty_like(key)
+    stages["index_entries"](perm, ent_q, ent_k, n, topk)
+    bounds, items_per_key = torch.empty(n_keys + 1, **i32), torch.empty(n_keys, **i32)
+    stages["index_bounds"](sorted_key, bounds, items_per_key, entries_per_item)
+    items_end = torch.cumsum(items_per_key, 0, dtype=torch.int32)
+    items = torch.empty((max_items, 4), **i32)
+    stages["index_items"](items_end, bounds, layout.block_first_tok, items, h_lo, n_chunks, entries_per_item)
+    return BlockIndex(items=items, ent_q=ent_q, ent_k=ent_k)
+
+
+def build_block_index_torch(topk_idx: torch.Tensor, layout: TokenLayout, block_size: int, h_lo: int,
+                            entries_per_item: int, query_chunk: int = 0) -> BlockIndex:
+    """``build_block_index`` as torch ops (~60 launches): the oracle of the kernels' version, and
+    the path of callers without loaded stages."""
+    hc, n, topk = topk_idx.shape
+    dev = topk_idx.device
+    nb = layout.num_blocks_bound
+    chunk, n_chunks, n_keys, max_items = _index_sizes(hc, n, topk, nb, entries_per_item, query_chunk)
     valid = valid_selection(topk_idx, layout, block_size)
     # Everything per entry (hc * n * topk of them) is int32, and the per-(head, token) part of the key
     # is formed first on the small [hc, n, 1] grid: the passes over the entries are few and narrow.
@@ -125,7 +159,6 @@ def build_block_index(topk_idx: torch.Tensor, layout: TokenLayout, block_size: i
     count = bounds[1:] - bounds[:-1]
     items_per_key = (count + entries_per_item - 1) // entries_per_item
     items_end = torch.cumsum(items_per_key, 0)
-    max_items = (hc * n * topk) // entries_per_item + n_keys
     item = torch.arange(max_items, device=dev, dtype=torch.int64)
     owner = torch.searchsorted(items_end, item, right=True)
     live = owner < n_keys

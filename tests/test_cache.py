@@ -201,7 +201,7 @@ def test_kernel_source_files_follow_each_family():
     from fsagen.paths import kernels_dir
 
     names = {b: {p.stem for p in cache.kernel_source_files(b)} for b in kernels.FAMILY_MODULES}
-    assert names["slc"] == {"__init__", "slc", "tiles", "target"}
+    assert names["slc"] == {"__init__", "slc", "block_index", "tiles", "target"}
     assert {"dense", "slc", "tiles", "target"} <= names["cmp"] and "decode" not in names["cmp"]
     assert "dense" in names["sel"]  # select.py imports dense.key_range
     assert "slc" not in names["dec"] and "decode" in names["dec"]

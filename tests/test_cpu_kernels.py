@@ -455,3 +455,27 @@ def test_q_outer_forward_over_token_tiles_on_cpu(tokens, keys, edited_schedule):
     plan = load_schedule("cpu").plan(spec, loop_order="q_outer")
     assert plan.knob("q_tokens") == tokens and plan.knob("q_keys") == keys
     test_selected_attention_on_cpu("q_outer")
+
+
+@pytest.mark.parametrize("per_item,query_chunk,h_lo", [(1, 0, 0), (3, 100, 1), (16, 1, 0), (512, 4096, 1)])
+def test_block_index_kernels_equal_torch_on_cpu(per_item, query_chunk, h_lo):
+    """The block index built by the plan's index stages (fsagen/kernels/block_index.py) equals the
+    torch formulation element for element: work items (empty ones too), query tokens, slots; with
+    -1 holes, blocks after the query's own, several sequences, query chunks and a kv-head offset."""
+    from fsagen import slc as glue
+    from fsagen.slc_index import build_block_index, build_block_index_torch, token_layout
+
+    gen = _gen()
+    cu = random_cu_seqlens(700, 4, block_size=SLC_BS, generator=gen)
+    n = int(cu[-1])
+    idx = random_topk_idx(cu, HKV, SLC_TOPK, SLC_BS, generator=gen)
+    idx = torch.where(torch.rand(idx.shape, generator=gen) < 0.2, torch.full_like(idx, -1), idx)
+    q, k = _randn(gen, n, HKV * G, D, dtype=BF16), _randn(gen, n, HKV, D, dtype=BF16)
+    kern, _ = glue._kernel(q, k, idx, SLC_BS, "fwd", "kv_outer")
+    layout = token_layout(cu, n, SLC_BS)
+    got = build_block_index(idx[h_lo:], layout, SLC_BS, h_lo, per_item, query_chunk, kern)
+    want = build_block_index_torch(idx[h_lo:], layout, SLC_BS, h_lo, per_item, query_chunk)
+    for name in ("items", "ent_q", "ent_k"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert int((got.items[:, 3] - got.items[:, 2]).sum()) == int((idx[h_lo:] >= 0).sum()) - int(
+        (idx[h_lo:] > (layout.tok_pos // SLC_BS)[None, :, None]).sum())

@@ -100,6 +100,8 @@ def test_occupancy_knobs_reach_the_compiler(edited_schedule, tmp_path):
         path, _ = ensure_artifact(spec, sched.plan(spec, loop_order=order), "sm90", root=tmp_path)
         meta = json.loads(open(os.path.join(path, "meta.json")).read())
         for stage, info, _, source in _stages(meta, path):
+            if stage.startswith("index_"):  # the block index's lane programs take no occupancy knob
+                continue
             assert f"__launch_bounds__({want[stage]}, 3)" in source, stage
             (usage,) = resource_usage(source, sched.target).values()
             assert usage["registers"] <= 65536 // (3 * want[stage]), (stage, usage)
@@ -136,7 +138,7 @@ def test_async_gather_is_cp_async(edited_schedule, tmp_path, arch):
         path, _ = ensure_artifact(spec, sched.plan(spec, loop_order="kv_outer"), arch, root=tmp_path)
         meta = json.loads(open(os.path.join(path, "meta.json")).read())
         for stage, _, _, source in _stages(meta, path):
-            if stage != "row_dot":  # 16-byte copies, one group a tile: wait for all but the next
+            if stage != "row_dot" and not stage.startswith("index_"):  # 16-byte copies, one group a tile: wait for all but the next
                 assert "cp_async_gs_conditional<16>" in source and "cp_async_wait<1>" in source, stage
 
 

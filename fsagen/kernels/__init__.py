@@ -42,7 +42,7 @@ REQUIRED_KNOBS = {
 # package): the artifact cache hashes exactly these (fsagen.cache.kernel_source_files), so editing
 # decode.py does not rename the slc artifacts. tests/test_cache.py checks it against the builders.
 FAMILY_MODULES = {
-    "slc": ("slc",),
+    "slc": ("slc", "block_index"),
     "cmp": ("dense", "slc"),
     "swa": ("dense", "slc"),
     "sel": ("select",),
@@ -52,6 +52,11 @@ FAMILY_MODULES = {
 }
 
 _DTYPES = {"bfloat16": "bfloat16", "float16": "float16"}
+
+
+# The kv-outer block index's steps around its sort (block_index.py): stages of every plan that builds
+# the index (a backward may reuse its forward's instead; fsagen/slc.py).
+BLOCK_INDEX_STAGES = ("index_keys", "index_entries", "index_bounds", "index_items")
 
 
 def stage_names(branch: str, loop_order: str, phase: str, plan=None) -> tuple:
@@ -69,17 +74,17 @@ def stage_names(branch: str, loop_order: str, phase: str, plan=None) -> tuple:
     if (loop_order, phase) == ("q_outer", "fwd") and plan is not None and plan.knob("q_tokens") > 1:
         return ("q_fwd_plan", "q_fwd")
     return {
-        ("kv_outer", "fwd"): ("kv_fwd_stats", "kv_fwd_accum"),
-        ("kv_outer", "bwd"): ("row_dot", "kv_bwd"),
+        ("kv_outer", "fwd"): (*BLOCK_INDEX_STAGES, "kv_fwd_stats", "kv_fwd_accum"),
+        ("kv_outer", "bwd"): (*BLOCK_INDEX_STAGES, "row_dot", "kv_bwd"),
         ("q_outer", "fwd"): ("q_fwd",),
-        ("q_outer", "bwd"): ("row_dot", "q_bwd_dq", "kv_bwd_dkdv"),
+        ("q_outer", "bwd"): (*BLOCK_INDEX_STAGES, "row_dot", "q_bwd_dq", "kv_bwd_dkdv"),
         ("dense", "fwd"): ("dense_fwd",),
         ("dense", "bwd"): ("row_dot", "dense_bwd_dq", "dense_bwd_dkdv"),
     }[(loop_order, phase)]
 
 
 def _slc_builders(spec, plan, dtype, dl):
-    from . import slc
+    from . import block_index, slc
 
     G, D, BS = spec.G, spec.D, spec.block_size
     DV = D
@@ -98,6 +103,10 @@ def _slc_builders(spec, plan, dtype, dl):
                                    knob("bulk_copy"), knob("q_keys"),
                                    knob("q_ctas_per_sm"), knob("q_tokens"), dl=dl),
         "q_fwd_plan": lambda: slc.q_fwd_plan(BS, knob("q_tokens"), dl),
+        "index_keys": lambda: block_index.index_keys(dl),
+        "index_entries": lambda: block_index.index_entries(dl),
+        "index_bounds": lambda: block_index.index_bounds(dl),
+        "index_items": lambda: block_index.index_items(dl),
         "q_bwd_dq": lambda: slc.q_bwd_dq(G, D, DV, BS, dtype, knob("q_threads"), knob("num_stages"),
                                          knob("bulk_copy"), dl=dl),
     }
