@@ -21,11 +21,12 @@ at N = 65536, G = 16). Cutting the queries into chunks whose accumulator rows fi
 adds in L2, at the cost of loading each KV block once per chunk instead of once.
 """
 import os
-import weakref
 from dataclasses import dataclass
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
+
+from .seqlens_cache import SEQLENS_CACHE, same_tensor, tensor_fingerprint
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,12 @@ def token_positions(cu_seqlens: torch.Tensor, num_tokens: int | None = None):
 
 
 def token_layout(cu_seqlens: torch.Tensor, num_tokens: int, block_size: int) -> TokenLayout:
+    """The layout of a packed batch, built once per ``cu_seqlens`` tensor (``fsagen.seqlens_cache``)."""
+    return SEQLENS_CACHE.get(cu_seqlens, ("token_layout", num_tokens, block_size),
+                             lambda: _build_token_layout(cu_seqlens, num_tokens, block_size))
+
+
+def _build_token_layout(cu_seqlens: torch.Tensor, num_tokens: int, block_size: int) -> TokenLayout:
     cu = cu_seqlens.to(torch.int64)
     batch = cu.numel() - 1
     dev = cu.device
@@ -174,22 +181,6 @@ def build_block_index_torch(topk_idx: torch.Tensor, layout: TokenLayout, block_s
     return BlockIndex(items=items.contiguous(), ent_q=ent_q, ent_k=ent_k)
 
 
-def _place(t: torch.Tensor) -> tuple:
-    """Where a tensor sits in its storage, and the version counter that every in-place write bumps."""
-    return t.storage_offset(), tuple(t.shape), tuple(t.stride()), t._version
-
-
-def _fingerprint(t: torch.Tensor) -> tuple:
-    """What identifies a tensor's values without reading them: its storage (weakly: a dead storage
-    matches nothing) and its ``_place`` in it."""
-    return weakref.ref(t.untyped_storage()), _place(t)
-
-
-def _same(fingerprint: tuple, t: torch.Tensor) -> bool:
-    storage, place = fingerprint
-    return storage() is t.untyped_storage() and place == _place(t)
-
-
 def keep_forward_index() -> bool:
     """Whether kv-outer forwards keep their block index for the backward (``FSAGEN_KEEP_INDEX``,
     default 1)."""
@@ -224,8 +215,8 @@ class ForwardIndexStash:
         """``indices``: {(h_lo, h_hi, entries_per_item, query_chunk): BlockIndex}."""
         if torch.is_inference_mode_enabled() or lse.device.type == "meta" or not keep_forward_index():
             return
-        self._by_lse[lse.untyped_storage()] = (_fingerprint(topk_idx), _fingerprint(cu_seqlens), block_size,
-                                               layout, dict(indices))
+        self._by_lse[lse.untyped_storage()] = (tensor_fingerprint(topk_idx), tensor_fingerprint(cu_seqlens),
+                                               block_size, layout, dict(indices))
 
     def get(self, lse: torch.Tensor, topk_idx: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int):
         """(layout, indices) of the forward that produced ``lse`` if it ran on these very inputs,
@@ -234,7 +225,7 @@ class ForwardIndexStash:
         if entry is None:
             return None
         topk_fp, cu_fp, bs, layout, indices = entry
-        if bs != block_size or not _same(topk_fp, topk_idx) or not _same(cu_fp, cu_seqlens):
+        if bs != block_size or not same_tensor(topk_fp, topk_idx) or not same_tensor(cu_fp, cu_seqlens):
             return None
         return layout, indices
 

@@ -479,3 +479,36 @@ def test_block_index_kernels_equal_torch_on_cpu(per_item, query_chunk, h_lo):
         assert torch.equal(getattr(got, name), getattr(want, name)), name
     assert int((got.items[:, 3] - got.items[:, 2]).sum()) == int((idx[h_lo:] >= 0).sum()) - int(
         (idx[h_lo:] > (layout.tok_pos // SLC_BS)[None, :, None]).sum())
+
+
+def test_layer_host_ops_on_cpu():
+    """Host work of one NSA layer forward + backward (fsagen.nsa_attention, the CPU kernels), counted
+    as top-level aten ops in the profiler: each is a launch on a GPU, and at short sequences the
+    launches, not the GPU, set the pace. After a first call on the same cu_seqlens (its tile tables
+    and token layout then come from fsagen.seqlens_cache) the layer stays within a budget (173 ops
+    when written; 368 before the cache and the block index's programs) and slc's forward issues
+    fewer than 30 (105 before)."""
+    import collections
+
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = _gen()
+    n = 512
+    cu = torch.tensor([0, 300, n], dtype=torch.int32)
+    q, k, v = (_randn(gen, n, h, D, dtype=BF16).requires_grad_() for h in (HKV * G, HKV, HKV))
+    gates = torch.rand(n, HKV * G, 3, generator=gen).to(BF16).requires_grad_()
+    kw = dict(kernel_size=KS, stride=STRIDE, block_size=SLC_BS, topk=SLC_TOPK, init_blocks=1, local_blocks=2,
+              window_size=64, check_values=False)
+    fsagen.nsa_attention(q, k, v, gates, cu, **kw).sum().backward()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fsagen.nsa_attention(q, k, v, gates, cu, **kw).sum().backward()
+    top = [e for e in prof.events()
+           if e.name.startswith("aten::") and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))]
+
+    def op_of(e):
+        while e is not None and not e.name.startswith("fsagen::"):
+            e = e.cpu_parent
+        return e.name if e is not None else "(outside)"
+
+    per_op = collections.Counter(op_of(e) for e in top)
+    assert 50 < len(top) <= 200 and 0 < per_op["fsagen::slc_fwd"] < 30, per_op
