@@ -38,6 +38,7 @@ import torch
 from fsagen.errors import ScheduleError, UnsupportedSpec
 from fsagen.reference_cmp import COMPRESS_KINDS, COMPRESS_OPTIONAL, COMPRESS_REQUIRED, compress_param_shapes
 from fsagen.slc_index import token_sequence
+from fsagen.seqlens_cache import SEQLENS_CACHE
 from fsagen.validate import check_tensor, fail, index_checks_possible
 from fsagen.validate_dense import check_int, expected_cu_seqlens_cmp
 
@@ -288,7 +289,8 @@ def compress(
     params = {"weight": weight, "proj_k": proj_k, "proj_v": proj_v, "pos_emb": pos_emb}
     _check_params(kind, params, k, v, kernel_size)
     _check_cu_seqlens_meta(cu_seqlens, k)
-    cu_cmp = expected_cu_seqlens_cmp(cu_seqlens, kernel_size, stride)
+    cu_cmp = SEQLENS_CACHE.get(cu_seqlens, ("cu_seqlens_cmp", kernel_size, stride),
+                               lambda: expected_cu_seqlens_cmp(cu_seqlens, kernel_size, stride))
     nc = _num_compressed(cu_seqlens, cu_cmp, k.shape[0], num_compressed, check_values)
     if _kernel_runs(k, v, kind, kernel_size, stride):
         from fsagen import ops_compress  # noqa: F401  (registers torch.ops.fsagen.compress_pool)

@@ -1,18 +1,20 @@
 """Tables derived from ``cu_seqlens`` alone, kept while that very tensor lives unmodified.
 
 Every kernel launch of a layer needs some table of the packed batch's layout: tile tables
-(``tile_index.seq_tiles``), the slc token layout (``slc_index.token_layout``). Each is ~20 small
+(``tile_index.seq_tiles``), the slc token layout (``slc_index.token_layout``), the compressed
+offsets (``compression.compress``). Each is up to ~20 small
 torch ops, and a layer's forward + backward built ~15 of them from the same ``cu_seqlens``; at
 short sequences those host launches, not the GPU, set the pace. A model passes the same
 ``cu_seqlens`` tensor to every layer, so the tables are built once per tensor here.
 
 An entry is keyed by the tensor's storage (weakly: it goes when the storage does) and checked
 against the tensor's offset, shape, strides and version counter (every in-place write bumps it),
-so a table is never used for other values. Nothing is cached where that cannot be checked or
-where a cached tensor would be unsafe: inference tensors (no version counter), meta tensors,
-while ``torch.compile`` traces, and during CUDA-graph capture (a table allocated in the graph's
-pool holds its values only during replays, and a graph must own the tables it reads, since an
-entry dies with its ``cu_seqlens``).
+so a table is never used for other values; a kept table that is a tensor is also checked for
+writes of its own (``compress`` hands its ``cu_seqlens_cmp`` to the caller). Nothing is cached
+where that cannot be checked or where a cached tensor would be unsafe: inference tensors and
+inference mode (no version counter), meta tensors, while ``torch.compile`` traces, and during
+CUDA-graph capture (a table allocated in the graph's pool holds its values only during replays,
+and a graph must own the tables it reads, since an entry dies with its ``cu_seqlens``).
 
 Writes that bypass torch (through a numpy view of the same memory, a raw pointer) move no version
 counter and are not seen: after such a write pass a new tensor, or call ``SEQLENS_CACHE.clear()``.
@@ -44,9 +46,18 @@ def same_tensor(fingerprint: tuple, t: torch.Tensor) -> bool:
 
 def cacheable(cu_seqlens: torch.Tensor) -> bool:
     """Whether tables of ``cu_seqlens`` may be kept and reused now (module doc)."""
-    if cu_seqlens.device.type == "meta" or cu_seqlens.is_inference() or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # first: dynamo cannot trace the inference-mode queries
+        return False
+    if cu_seqlens.device.type == "meta" or cu_seqlens.is_inference() or torch.is_inference_mode_enabled():
         return False
     return not (cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _unchanged(kept: tuple) -> bool:
+    """A kept tensor that its users may hold (``compress`` returns its ``cu_seqlens_cmp``) must not
+    have been written since: its version counter says."""
+    value, version = kept
+    return version is None or value._version == version
 
 
 class SeqlensCache:
@@ -67,9 +78,11 @@ class SeqlensCache:
             entry = (place, {})
             self._by_storage[storage] = entry
         tables = entry[1]
-        if key not in tables:
-            tables[key] = build()
-        return tables[key]
+        kept = tables.get(key)
+        if kept is None or not _unchanged(kept):
+            value = build()
+            kept = tables[key] = (value, value._version if isinstance(value, torch.Tensor) else None)
+        return kept[0]
 
     def clear(self) -> None:
         self._by_storage = WeakIdKeyDictionary()

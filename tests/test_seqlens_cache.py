@@ -69,3 +69,25 @@ def test_repeated_calls_build_no_tables():
         seq_tiles(cu, n, 64, longest_first=False)
         token_layout(cu, n, 64)
         assert len(SEQLENS_CACHE) == 3
+
+
+def test_a_kept_tensor_written_by_its_user_is_built_again():
+    """compress hands its cached cu_seqlens_cmp to the caller: a write to it is seen."""
+    from fsagen.compression import compress
+
+    cu = _cu(100, 37, 250)
+    n = int(cu[-1])
+    k = torch.randn(n, 2, 16)
+    _, _, cu_cmp = compress(k, k, cu, 32, 16)
+    assert compress(k, k, cu, 32, 16)[2] is cu_cmp
+    want = cu_cmp.clone()
+    cu_cmp.zero_()
+    again = compress(k, k, cu, 32, 16)[2]
+    assert again is not cu_cmp and torch.equal(again, want)
+
+
+def test_nothing_kept_in_inference_mode():
+    cu = _cu(10, 20)
+    with torch.inference_mode():
+        assert not cacheable(cu)
+        assert seq_tiles(cu, 30, 8) is not seq_tiles(cu, 30, 8)
