@@ -16,6 +16,9 @@ inference mode (no version counter), meta tensors, while ``torch.compile`` trace
 CUDA-graph capture (a table allocated in the graph's pool holds its values only during replays,
 and a graph must own the tables it reads, since an entry dies with its ``cu_seqlens``).
 
+CUDA tables are kept per stream: one made on stream A and read by kernels on stream B could be
+freed (when its ``cu_seqlens`` dies) and handed to a new allocation on A while B still reads it.
+
 Writes that bypass torch (through a numpy view of the same memory, a raw pointer) move no version
 counter and are not seen: after such a write pass a new tensor, or call ``SEQLENS_CACHE.clear()``.
 """
@@ -78,6 +81,8 @@ class SeqlensCache:
             entry = (place, {})
             self._by_storage[storage] = entry
         tables = entry[1]
+        if cu_seqlens.is_cuda:  # a table is reused on the stream that made it only (module doc)
+            key = (*key, torch.cuda.current_stream(cu_seqlens.device).stream_id)
         kept = tables.get(key)
         if kept is None or not _unchanged(kept):
             value = build()
