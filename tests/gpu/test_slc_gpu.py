@@ -263,3 +263,32 @@ def test_cuda_graph_capture_and_replay():
     errs = {n: rel_err(out, r) for n, out, r in zip(names, outs, (ref[0], *ref[2:]))}
     _record("cuda graph replay (new data)", errs)
     assert all(e < TOL[torch.bfloat16] for e in errs.values()), errs
+
+
+def test_tables_kept_per_cu_seqlens_and_stream():
+    """fsagen.seqlens_cache on the GPU: a second call on the same cu_seqlens reuses its token layout
+    and still equals the reference; after an in-place write to cu_seqlens the layout is rebuilt (the
+    results follow the new lengths); a call on another stream builds its own."""
+    from fsagen.seqlens_cache import SEQLENS_CACHE
+    from fsagen.slc_index import token_layout
+
+    gen = _gen()
+    hkv, G, D, bs, topk, n = 2, 4, 128, 64, 16, 2048
+    cu = torch.tensor([0, 700, 1500, n], dtype=torch.int32, device="cuda")
+    q, k, v = _qkv(n, G * hkv, hkv, D, torch.bfloat16, gen)
+    for case in ("first call", "same cu_seqlens again"):
+        idx = random_topk_idx(cu, hkv, topk, bs, generator=gen)
+        run_and_compare(f"seqlens cache: {case}", q, k, v, idx, cu, bs, "kv_outer", gen)
+    layout = token_layout(cu, n, bs)
+    assert token_layout(cu, n, bs) is layout
+    cu[1:3] = torch.tensor([64, 1000], dtype=torch.int32, device="cuda")
+    assert token_layout(cu, n, bs) is not layout
+    idx = random_topk_idx(cu, hkv, topk, bs, generator=gen)
+    run_and_compare("seqlens cache: cu_seqlens written in place", q, k, v, idx, cu, bs, "kv_outer", gen)
+    kept = len(SEQLENS_CACHE)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        other = token_layout(cu, n, bs)
+    torch.cuda.current_stream().wait_stream(side)
+    assert other is not token_layout(cu, n, bs) and len(SEQLENS_CACHE) == kept + 1
