@@ -512,3 +512,29 @@ def test_layer_host_ops_on_cpu():
 
     per_op = collections.Counter(op_of(e) for e in top)
     assert 50 < len(top) <= 150 and 0 < per_op["fsagen::slc_fwd"] < 30, per_op
+
+
+@pytest.mark.parametrize("loop_order,edits", [
+    ("q_outer", [("q_tokens = 1", "q_tokens = 4")]),  # token tiles (union of blocks)
+    ("kv_outer", []),  # the block index's programs
+])
+def test_slc_edge_layouts_on_cpu(loop_order, edits, edited_schedule):
+    """Layouts at the edges, through the generated programs: sequences of 1 and 2 tokens, a batch
+    shorter than one 4-token tile at its end, a token whose row is all -1, a row whose only
+    selection is a block after its own (dropped), an empty sequence."""
+    for old, new in edits:
+        edited_schedule("cpu", old, new)
+    gen = _gen()
+    cu = torch.tensor([0, 1, 3, 3, 40, 75, 77], dtype=torch.int32)
+    n = int(cu[-1])
+    idx = random_topk_idx(cu, HKV, SLC_TOPK, SLC_BS, generator=gen)
+    idx[:, 5] = -1  # all -1: sees nothing (o = 0, lse = -inf)
+    idx[0, 10] = torch.tensor([1, -1, -1, -1], dtype=idx.dtype)  # token 10 (position 7 of its sequence): block 1 is ahead
+    q, k, v = (_randn(gen, n, h, D, dtype=BF16).requires_grad_() for h in (HKV * G, HKV, HKV))
+    o, lse = fsagen.selected_attention(q, k, v, idx, SLC_BS, cu, return_lse=True, loop_order=loop_order,
+                                       check_indices=False)
+    do = _randn(gen, n, HKV * G, D, dtype=BF16)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    ro, rl, *rgrads = _reference(q, k, v, idx, cu, SLC_BS, do)
+    assert torch.isinf(lse[5]).all() and not o[5].any()
+    _compare(o.detach(), lse, grads, ro, rl, rgrads, BF16, f"{loop_order} edges", "slc-cpu")
