@@ -135,14 +135,20 @@ def _read_total(cu_seqlens: torch.Tensor, cu_cmp: torch.Tensor, n: int) -> int:
 # --------------------------------------------------------------------------- compression
 
 
-def _num_compressed(cu_seqlens, cu_cmp, n, num_compressed, check_values) -> int:
+def _num_compressed(cu_seqlens, cu_cmp, n, kernel_size, stride, num_compressed, check_values) -> int:
     """Nc: read on the host with the value checks (num_compressed None), else the given count,
-    checked against the offsets when ``check_values`` and a host read is possible."""
+    checked against the offsets when ``check_values`` and a host read is possible. The read is
+    kept per ``cu_seqlens`` tensor (``fsagen.seqlens_cache``): the layers of a model after the
+    first, given the same tensor, do not stop the host to wait for the GPU."""
+    def read():
+        return SEQLENS_CACHE.get(cu_seqlens, ("num_compressed", n, kernel_size, stride),
+                                 lambda: _read_total(cu_seqlens, cu_cmp, n))
+
     if num_compressed is None:
-        return _read_total(cu_seqlens, cu_cmp, n)
+        return read()
     check_int("num_compressed", num_compressed, 0)
     if check_values and index_checks_possible(cu_seqlens):
-        total = _read_total(cu_seqlens, cu_cmp, n)
+        total = read()
         if total != num_compressed:
             fail(ValueError, "num_compressed", f"must be the number of compressed tokens of cu_seqlens ({total})",
                  num_compressed)
@@ -291,7 +297,7 @@ def compress(
     _check_cu_seqlens_meta(cu_seqlens, k)
     cu_cmp = SEQLENS_CACHE.get(cu_seqlens, ("cu_seqlens_cmp", kernel_size, stride),
                                lambda: expected_cu_seqlens_cmp(cu_seqlens, kernel_size, stride))
-    nc = _num_compressed(cu_seqlens, cu_cmp, k.shape[0], num_compressed, check_values)
+    nc = _num_compressed(cu_seqlens, cu_cmp, k.shape[0], kernel_size, stride, num_compressed, check_values)
     if _kernel_runs(k, v, kind, kernel_size, stride):
         from fsagen import ops_compress  # noqa: F401  (registers torch.ops.fsagen.compress_pool)
 
