@@ -25,6 +25,7 @@
 #           orders) -> LOGDIR/gpu_errors.log; building ahead compiles the whole default grid, all orders
 #   slcbench bench/bench_slc.py (issue 2's table: both orders, SDPA, G 1..16) -> LOGDIR/slcbench/slc_bench.{md,csv,png}
 #   scaling  bench/bench_slc_scaling.py (N 8K..128K eager and CUDA-graph replays, mixed batch) -> LOGDIR/scaling/
+#   hostops  bench/count_host_ops.py --device cuda (top-level aten ops and host reads per call) -> LOGDIR/host_ops_cuda.md
 #   profile  bench/profile_slc.py (G 1 4 16): GPU time per generated stage and per glue op -> LOGDIR/slc_profile_kernels.md
 #   sweep_dense / sweep_q / sweep_kv / sweep_kvbwd  bench/sweep.py of bench/variants/{dense_dkdv,
 #           q_outer_occupancy, kv_outer_occupancy, kv_bwd}.toml (build on 16 cores, check, time)
@@ -96,7 +97,8 @@ for part in "$@"; do
   if [ "$BUILD_ONLY" = 1 ]; then
     case $part in
       build|prebuild|sweep_*|slctests|alltests) ;;
-      slcbench|scaling) part=slctests ;;  # the bench loads the slc grid's D = 128 bf16 artifacts
+      slcbench|scaling) part=slctests ;;
+      hostops) part=alltests ;;  # the default grid's specs  # the bench loads the slc grid's D = 128 bf16 artifacts
       newtests) part=prebuild ;;  # the tests' artifacts are exactly what prebuild compiles
       *) echo "$part: needs the GPU, skipped (FSAGEN_BUILD_ONLY=1)" | tee -a "$log/summary.txt"; continue ;;
     esac
@@ -133,6 +135,7 @@ for part in "$@"; do
              fi ;;
     slcbench) run_part slcbench 590 python3 bench/bench_slc.py --out "$log/slcbench" ;;
     scaling) run_part scaling 590 python3 bench/bench_slc_scaling.py --out "$log/scaling" ;;
+    hostops) run_part hostops 300 python3 bench/count_host_ops.py --device cuda --out "$log/host_ops_cuda.md" ;;
     profile) run_part profile 300 python3 bench/profile_slc.py --groups 1 4 16 --out "$log" ;;
     sweep_dense) run_part sweep_dense 560 python3 bench/sweep.py bench/variants/dense_dkdv.toml --groups 1 4 16 \
              "${sweep_flags[@]}" --out "$log" ;;
@@ -144,7 +147,7 @@ for part in "$@"; do
              "${sweep_flags[@]}" --out "$log" ;;
     sweep_kvbwd) run_part sweep_kvbwd 560 python3 bench/sweep.py bench/variants/kv_bwd.toml --groups 1 4 8 16 \
              "${sweep_flags[@]}" --out "$log" ;;
-    *) echo "unknown part $part (build smoke bench llama ddp1 ddp2 recall_nsa recall_dense prebuild slctests newtests alltests slcbench scaling profile sweep_dense" \
+    *) echo "unknown part $part (build smoke bench llama ddp1 ddp2 recall_nsa recall_dense prebuild slctests newtests alltests slcbench scaling hostops profile sweep_dense" \
          "sweep_q sweep_qu sweep_kv sweep_kvbwd)" \
          | tee -a "$log/summary.txt" ;;
   esac

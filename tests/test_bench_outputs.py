@@ -108,3 +108,16 @@ def test_scaling_writer_reports_graph_replays(tmp_path, monkeypatch):
     md = (tmp_path / "slc_scaling.md").read_text()
     assert "fwd graph ms" in md and "bwd graph vs linear" in md
     assert "| 1 | 64,16 | 8192 | kv_outer/kv_outer | 2.00 | 1.0 | 16.00 | 0.12 | 1.00 | 4.00 | 16.00 | 0.25 | 1.00 | 1 |" in md
+
+
+def test_count_host_ops_without_gpu_exits_2(capsys):
+    """bench/count_host_ops.py --device cuda: a clear refusal without CUDA (its CPU counts are
+    tests/test_cpu_kernels.py::test_layer_host_ops_on_cpu's business)."""
+    import torch
+    from conftest import load_script
+
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    script = load_script("bench/count_host_ops.py")
+    assert script.main(["--device", "cuda"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
