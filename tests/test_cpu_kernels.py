@@ -486,8 +486,8 @@ def test_layer_host_ops_on_cpu(monkeypatch):
     as top-level aten ops in the profiler: each is a launch on a GPU, and at short sequences the
     launches, not the GPU, set the pace. After a first call on the same cu_seqlens (its tile tables,
     token layout and compressed offsets then come from fsagen.seqlens_cache) the layer stays within
-    a budget (112 ops when written; 368 before the cache and the block index's programs) and slc's
-    forward issues fewer than 30 (105 before). Nor does such a call read a tensor value on the host
+    a budget (bench/results/host_ops_cpu.md has the counts with and without) and slc's forward
+    issues fewer than 30 (105 as torch ops). Nor does such a call read a tensor value on the host
     (a sync that would stop the host from running ahead of the GPU)."""
     import collections
 
