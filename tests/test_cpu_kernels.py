@@ -487,7 +487,7 @@ def test_layer_host_ops_on_cpu(monkeypatch):
     launches, not the GPU, set the pace. After a first call on the same cu_seqlens (its tile tables,
     token layout and compressed offsets then come from fsagen.seqlens_cache) the layer stays within
     a budget (bench/results/host_ops_cpu.md has the counts with and without) and slc's forward
-    issues fewer than 30 (105 as torch ops). Nor does such a call read a tensor value on the host
+    issues fewer than 30 (104 with the index as torch ops). Nor does such a call read a tensor value on the host
     (a sync that would stop the host from running ahead of the GPU)."""
     import collections
 
