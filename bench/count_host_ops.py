@@ -17,7 +17,6 @@ Usage: python bench/count_host_ops.py [--device cpu|cuda] [--out bench/results/h
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import datetime
 import sys
@@ -26,9 +25,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-HOST_READS = ("tolist", "item", "__bool__", "__int__", "__float__")
-
 
 @contextlib.contextmanager
 def setting(name: str):
@@ -49,36 +45,13 @@ def setting(name: str):
         cache.cacheable, glue.build_block_index = saved
 
 
-@contextlib.contextmanager
-def counting_host_reads(counter: collections.Counter):
-    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
-
-    def wrap(name):
-        def read(self, *args, **kwargs):
-            counter[name] += 1
-            return saved[name](self, *args, **kwargs)
-        return read
-
-    for name in HOST_READS:
-        setattr(torch.Tensor, name, wrap(name))
-    try:
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(torch.Tensor, name, fn)
-
-
 def count(step) -> tuple[int, int]:
     """(top-level aten ops, host reads) of ``step()``, run once before to warm up."""
-    from torch.profiler import ProfilerActivity, profile
+    from fsagen.testing import count_host_work
 
     step()
-    reads = collections.Counter()
-    with counting_host_reads(reads), profile(activities=[ProfilerActivity.CPU]) as prof:
-        step()
-    top = [e for e in prof.events()
-           if e.name.startswith("aten::") and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))]
-    return len(top), sum(reads.values())
+    ops, reads = count_host_work(step)
+    return len(ops), reads
 
 
 def cases(device: str):

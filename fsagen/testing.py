@@ -20,6 +20,8 @@ __all__ = [
     "rel_err",
     "poisoned_like",
     "log_errors",
+    "capture_cuda_graph",
+    "count_host_work",
 ]
 
 
@@ -171,3 +173,42 @@ def capture_cuda_graph(step, warmup: int = 2):
     with torch.cuda.graph(graph):
         outputs = step()
     return graph, outputs
+
+
+HOST_READS = ("tolist", "item", "__bool__", "__int__", "__float__")
+
+
+def count_host_work(step) -> tuple[list[str], int]:
+    """(the fsagen op each top-level aten op of ``step()`` ran under, or "(outside)"; the number of
+    host reads of tensor values) of one call of ``step``, recorded with torch.profiler.
+
+    A top-level aten op (one not called from inside another) is what the host issues: on a GPU a
+    launch each. A host read (``tolist``, ``item``, ``bool(t)``, ...) is a GPU sync."""
+    from torch.profiler import ProfilerActivity, profile
+
+    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+    reads = [0]
+
+    def counted(name):
+        def read(self, *args, **kwargs):
+            reads[0] += 1
+            return saved[name](self, *args, **kwargs)
+        return read
+
+    for name in HOST_READS:
+        setattr(torch.Tensor, name, counted(name))
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+
+    def op_of(event):
+        while event is not None and not event.name.startswith("fsagen::"):
+            event = event.cpu_parent
+        return event.name if event is not None else "(outside)"
+
+    top = [e for e in prof.events()
+           if e.name.startswith("aten::") and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))]
+    return [op_of(e) for e in top], reads[0]
