@@ -120,10 +120,14 @@ def compile_programs(programs: dict, target: dict, dest: Path) -> dict:
         entry = str(func.attrs["global_symbol"]) if func.attrs and "global_symbol" in func.attrs else stage
         params = _param_info(func)
         start = time.perf_counter()
-        kernel = tilelang.compile(
-            func, out_idx=None, target=tl_target, execution_backend=EXECUTION_BACKEND,
-            pass_configs=pass_configs or None,
-        )
+        try:
+            kernel = tilelang.compile(
+                func, out_idx=None, target=tl_target, execution_backend=EXECUTION_BACKEND,
+                pass_configs=pass_configs or None,
+            )
+        except Exception as exc:
+            _raise_if_register_cap(stage, exc)
+            raise
         smem = dynamic_shared_memory(kernel.get_host_source(), kernel.get_kernel_source())
         if limit is not None and max(smem.values(), default=0) > int(limit):
             raise ScheduleError(
@@ -140,6 +144,21 @@ def compile_programs(programs: dict, target: dict, dest: Path) -> dict:
             "compile_seconds": round(time.perf_counter() - start, 3),
         }
     return stages
+
+
+_REGISTER_CAP = re.compile(r"Insufficient registers \((\d+)\)[^\n]*register target of (\d+)")
+
+
+def _raise_if_register_cap(stage: str, exc: Exception) -> None:
+    """ptxas refuses an instruction (a wgmma's accumulator) that does not fit the per-thread
+    register cap a ``ctas_per_sm`` / ``q_ctas_per_sm`` knob set: say so in the schedule's terms."""
+    found = _REGISTER_CAP.search(str(exc))
+    if found:
+        cap, need = found.groups()
+        raise ScheduleError(
+            f"stage {stage!r} needs at least {need} registers a thread, but the plan's CTAs-per-SM knob "
+            f"(ctas_per_sm / q_ctas_per_sm) caps it at {cap}: lower that knob, or use smaller tiles "
+            f"(rows, q_tokens)") from exc
 
 
 def load_function(library: Path, entry: str, stage_meta: dict | None = None):

@@ -164,3 +164,19 @@ def test_q_outer_token_tiles_compile(edited_schedule, tmp_path):
     assert "__launch_bounds__(256, 2)" in sources["q_fwd"]
     (usage,) = resource_usage(sources["q_fwd"], sched.target).values()
     assert usage["registers"] <= 128 and usage["bytes spill stores"] <= 64, usage
+
+
+def test_a_register_cap_that_cannot_fit_names_the_knob(edited_schedule, tmp_path):
+    """64 rows a CTA (q_tokens = 4 at G = 16) under a 3-CTA register cap: ptxas refuses the wgmma;
+    the error says which knob set the cap and what to change, not only ptxas' words."""
+    from fsagen.cache import ensure_artifact
+    from fsagen.errors import ScheduleError
+    from fsagen.spec import KernelSpec
+
+    edited_schedule("sm90", "q_tokens = 1", "q_tokens = 4")  # the G >= 9 rule keeps q_ctas_per_sm = 3
+    sched = load_schedule("sm90")
+    spec = KernelSpec("slc", "fwd", 16, 128, 64, 16, "bfloat16")
+    plan = sched.plan(spec, loop_order="q_outer")
+    assert plan.knob("q_ctas_per_sm") == 3 and plan.knob("q_tokens") == 4
+    with pytest.raises(ScheduleError, match=r"'q_fwd' needs at least \d+ registers.*q_ctas_per_sm\) caps it at 80: lower"):
+        ensure_artifact(spec, plan, "sm90", root=tmp_path)
