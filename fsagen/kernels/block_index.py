@@ -4,7 +4,7 @@ The index is built around one stable sort of an int32 key per (kv head, query to
 entry. Spelled as torch ops, the steps around the sort took ~60 launches (each a few
 microseconds of host time: at short sequences the host's launches, not the GPU, set the pace of
 a kv-outer forward). Here they are four launches, each a lane per element doing plain scalar
-work (on a GPU a lane is a thread; on the CPU a serial loop, ``Dialect.lanes``):
+work (on a GPU a lane is a thread; on the CPU a serial loop, ``Dialect.lane_loop``):
 
 * ``index_keys``: the sort key of every entry, ``n_keys`` for entries that take no part (-1
   padding, or a block after the query's own);
@@ -27,10 +27,6 @@ LANES = 128
 SEARCH_STEPS = 32  # a binary search over at most 2^31 elements
 
 
-def _lanes(dl: Dialect):
-    return T.serial(dl.lanes(LANES))
-
-
 def index_keys(dl: Dialect = SIMT):
     """``key[e]`` for entry ``e = (h * N + t) * TOPK + s``: ``((h * n_chunks + t // chunk) * nb +
     tok_block_base[t] + topk_idx[h, t, s])`` where the slot is valid, else ``n_chunks * nb * HC``."""
@@ -48,7 +44,7 @@ def index_keys(dl: Dialect = SIMT):
         nb: T.int32,
     ):
         with T.Kernel(T.ceildiv(E, LANES), threads=LANES) as bx:
-            for lane in _lanes(dl):
+            for lane in dl.lane_loop(LANES):
                 e = bx * LANES + dl.lane_id(lane)
                 if e < E:
                     h = e // (N * TOPK)
@@ -77,7 +73,7 @@ def index_entries(dl: Dialect = SIMT):
         topk: T.int32,
     ):
         with T.Kernel(T.ceildiv(E, LANES), threads=LANES) as bx:
-            for lane in _lanes(dl):
+            for lane in dl.lane_loop(LANES):
                 e = bx * LANES + dl.lane_id(lane)
                 if e < E:
                     src = T.Cast(INDEX, perm[e])
@@ -127,7 +123,7 @@ def index_bounds(dl: Dialect = SIMT):
             lo = T.alloc_local((1,), INDEX)
             hi = T.alloc_local((1,), INDEX)
             first = T.alloc_var(INDEX)
-            for lane in _lanes(dl):
+            for lane in dl.lane_loop(LANES):
                 j = bx * LANES + dl.lane_id(lane)
                 if j < NK1:
                     _first_not_less(sorted_key, E, j, lo, hi)
@@ -162,7 +158,7 @@ def index_items(dl: Dialect = SIMT):
             hi = T.alloc_local((1,), INDEX)
             owner = T.alloc_var(INDEX)
             begin = T.alloc_var(INDEX)
-            for lane in _lanes(dl):
+            for lane in dl.lane_loop(LANES):
                 i = bx * LANES + dl.lane_id(lane)
                 if i < MI:
                     _first_greater(items_end, NK, i, lo, hi)

@@ -128,14 +128,9 @@ def decode_fwd(G: int, D: int, DV: int, dtype: str, page_size: int, threads: int
 # Decode-time selection and the split merge are small per-sequence computations; as torch ops they
 # were ~30 launches of a few microseconds each, more than the attention itself. These stages do
 # them in four launches. They are written in "lanes": on a GPU a lane is a thread of the CTA, on
-# the CPU a serial loop (``Dialect.lanes`` / ``lane_id``), so each lane's code is plain scalar code.
+# the CPU a serial loop (``Dialect.lane_loop`` / ``lane_id``), so each lane's code is plain scalar code.
 
 LANES = 128
-
-
-def _lane_loop(dl: Dialect):
-    """The CTA's LANES lanes: ``for lane in _lane_loop(dl): i = dl.lane_id(lane)``."""
-    return T.serial(dl.lanes(LANES))
 
 
 def decode_prep(dl: Dialect = SIMT):
@@ -167,7 +162,7 @@ def decode_prep(dl: Dialect = SIMT):
         with T.Kernel(T.ceildiv(B, LANES), threads=LANES) as bx:
             length = T.alloc_var(INDEX)
             lc = T.alloc_var(INDEX)
-            for lane in _lane_loop(dl):
+            for lane in dl.lane_loop(LANES):
                 b = bx * LANES + dl.lane_id(lane)
                 if b < B:
                     length = lengths[seq_idx[b]] - back[b]  # the row's token is the newest here
@@ -216,7 +211,7 @@ def decode_block_keys(G: int, dl: Dialect = SIMT):
             acc = T.alloc_var(ACCUM)
             score = T.alloc_var(ACCUM)
             key = T.alloc_var(ACCUM)
-            for lane in _lane_loop(dl):  # the G heads' lse (log2), merged over the split runs
+            for lane in dl.lane_loop(LANES):  # the G heads' lse (log2), merged over the split runs
                 g = dl.lane_id(lane)
                 if g < G:
                     m = -T.infinity(ACCUM)
@@ -228,7 +223,7 @@ def decode_block_keys(G: int, dl: Dialect = SIMT):
                     lse2[g] = T.if_then_else(acc > 0, (m + T.log(acc)) * (1.0 / LN2), T.infinity(ACCUM))
             n = num_cmp[b]
             own = pos[b] // block_size
-            for lane in _lane_loop(dl):
+            for lane in dl.lane_loop(LANES):
                 j = bx * LANES + dl.lane_id(lane)
                 if j < NB:
                     score = 0
@@ -280,7 +275,7 @@ def decode_tiles(dl: Dialect = SIMT):
             last_page = p // page_size
             sub = block_size // page_size
             seq = seq_idx[b]
-            for lane in _lane_loop(dl):
+            for lane in dl.lane_loop(LANES):
                 i = dl.lane_id(lane)
                 if i < K:
                     rank = 0
@@ -297,7 +292,7 @@ def decode_tiles(dl: Dialect = SIMT):
                         sel[i] = -1
                         topk_idx[b, h, i] = -1
             for it in T.serial(T.ceildiv(NT, LANES)):
-                for lane in _lane_loop(dl):
+                for lane in dl.lane_loop(LANES):
                     e = it * LANES + dl.lane_id(lane)
                     if e < NT:
                         blk = T.if_then_else(e // sub < K, sel[T.min(e // sub, LANES - 1)], -1)
@@ -315,7 +310,7 @@ def decode_tiles(dl: Dialect = SIMT):
                         else:
                             tile_page[B + b, h, e] = 0
                             tile_pos[B + b, h, e] = 0
-            for lane in _lane_loop(dl):
+            for lane in dl.lane_loop(LANES):
                 if dl.lane_id(lane) == 0:
                     n_valid = 0
                     for k in T.serial(K):
@@ -364,7 +359,7 @@ def decode_combine(DV: int, dl: Dialect = SIMT):
             st = T.alloc_local((3,), ACCUM)
             o = T.alloc_var(ACCUM)
             gh = hq % GH
-            for lane in _lane_loop(dl):
+            for lane in dl.lane_loop(LANES):
                 d = dx * LANES + dl.lane_id(lane)
                 if d < DV:
                     merged(cmp_o, cmp_lse, b, hq, d, st)

@@ -563,7 +563,7 @@ def q_fwd_plan(BS: int, tokens: int, dl: Dialect = SIMT):
             owner = T.alloc_var(INDEX)
             bits = T.alloc_var(INDEX)
             for it in T.serial(T.ceildiv(TOK * TOPK, PLAN_LANES)):
-                for lane in T.serial(dl.lanes(PLAN_LANES)):
+                for lane in dl.lane_loop(PLAN_LANES):
                     i = it * PLAN_LANES + dl.lane_id(lane)
                     if i < TOK * TOPK:
                         kb = first_key(topk_idx, tok_start, h, tile * TOK + i // TOPK, i % TOPK)

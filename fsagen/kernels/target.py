@@ -146,6 +146,11 @@ class Dialect:
         variable (always 0 on a GPU)."""
         return 1 if self.simt else n
 
+    def lane_loop(self, n: int):
+        """The loop over a CTA's ``n`` lanes: ``for lane in dl.lane_loop(n): i = dl.lane_id(lane)``
+        (one iteration on a GPU, whose ``n`` threads are the lanes; ``n`` on the CPU)."""
+        return T.serial(self.lanes(n))
+
     def lane_id(self, lane):
         """The lane (query) a lane-loop iteration serves: the thread index on a GPU."""
         return T.get_thread_binding() if self.simt else lane
