@@ -122,7 +122,7 @@ def slc_forward(q, k, v, topk_idx, cu_seqlens, block_size, scale, loop_order=Non
             o_acc = torch.zeros((q_hi - q_lo, (h_hi - h_lo) * G, Dv), dtype=torch.float32, device=q.device)
             kern["kv_fwd_accum"](q, k, v, index.items, index.ent_q, lse2, o_acc, h_lo, q_lo, q_hi, float(scale))
             o[q_lo:q_hi, heads] = o_acc
-    FORWARD_INDEX.put(lse, topk_idx, cu_seqlens, block_size, layout, kept)
+    FORWARD_INDEX.put(lse, topk_idx, cu_seqlens, block_size, kept)
     return o, lse
 
 
@@ -134,8 +134,8 @@ def slc_backward(do, q, k, v, o, lse, topk_idx, cu_seqlens, block_size, scale, l
     dq = alloc(q.shape, q.dtype, q.device)
     if N == 0:
         return dq, alloc(k.shape, k.dtype, k.device), alloc(v.shape, v.dtype, v.device)
-    saved = FORWARD_INDEX.get(lse, topk_idx, cu_seqlens, block_size)
-    layout, indices = saved if saved is not None else (token_layout(cu_seqlens, N, block_size), {})
+    layout = token_layout(cu_seqlens, N, block_size)  # the forward's, where fsagen.seqlens_cache kept it
+    indices = FORWARD_INDEX.get(lse, topk_idx, cu_seqlens, block_size)
     delta = torch.empty((N, Hq), dtype=torch.float32, device=q.device)
     kern["row_dot"](do, o, delta)
     lse2 = lse / LN2

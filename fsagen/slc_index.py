@@ -211,23 +211,22 @@ class ForwardIndexStash:
         self._by_lse = WeakIdKeyDictionary()
 
     def put(self, lse: torch.Tensor, topk_idx: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int,
-            layout: TokenLayout, indices: dict) -> None:
+            indices: dict) -> None:
         """``indices``: {(h_lo, h_hi, entries_per_item, query_chunk): BlockIndex}."""
         if torch.is_inference_mode_enabled() or lse.device.type == "meta" or not keep_forward_index():
             return
         self._by_lse[lse.untyped_storage()] = (tensor_fingerprint(topk_idx), tensor_fingerprint(cu_seqlens),
-                                               block_size, layout, dict(indices))
+                                               block_size, dict(indices))
 
-    def get(self, lse: torch.Tensor, topk_idx: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int):
-        """(layout, indices) of the forward that produced ``lse`` if it ran on these very inputs,
-        else None."""
+    def get(self, lse: torch.Tensor, topk_idx: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int) -> dict:
+        """The indices of the forward that produced ``lse`` if it ran on these very inputs, else {}."""
         entry = self._by_lse.get(lse.untyped_storage())
         if entry is None:
-            return None
-        topk_fp, cu_fp, bs, layout, indices = entry
+            return {}
+        topk_fp, cu_fp, bs, indices = entry
         if bs != block_size or not same_tensor(topk_fp, topk_idx) or not same_tensor(cu_fp, cu_seqlens):
-            return None
-        return layout, indices
+            return {}
+        return indices
 
     def __len__(self) -> int:
         return len(self._by_lse)

@@ -402,7 +402,8 @@ def test_backward_reuses_the_forward_block_index(monkeypatch):
 
     o, lse = torch.ops.fsagen.slc_fwd(q, k, v, idx, *args)
     assert len(builds) == 1 and len(glue.FORWARD_INDEX) >= 1
-    _, kept = glue.FORWARD_INDEX.get(lse, idx, cu, SLC_BS)
+    kept = glue.FORWARD_INDEX.get(lse, idx, cu, SLC_BS)
+    assert kept
     for index in kept.values():  # only what the backward reads is kept: no slot numbers
         assert index.ent_k.untyped_storage().nbytes() == 0 and index.ent_q.numel() > 0
     grads = torch.ops.fsagen.slc_bwd(do, q, k, v, o, lse, idx, *args)
